@@ -1,0 +1,76 @@
+"""Hook-name helpers: stack per-iteration activations, and the hook-name table documented in the README."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+# One row per hook-name pattern: (pattern, tensor it holds, shape). The README table is generated from this
+# list and a test checks that every HookPoint of every variant matches exactly one row.
+HOOK_TABLE: list[tuple[str, str, str]] = [
+    ("hook_embed", "h_emb, the scaled token embeddings", "[batch, seq, d]"),
+    ("prelude.hook_out", "f_pre(h_emb), the prelude output (recursive models)", "[batch, seq, d]"),
+    ("entry.mesh.hook_write_weights", "entry write router weights, input = prelude output (MeSH)", "[batch, seq, B]"),
+    ("entry.mesh.hook_read_weights", "entry read router weights; the read gives h^(0) (MeSH)", "[batch, seq, B]"),
+    ("entry.mesh.hook_memory", "all B slots after the entry write (MeSH)", "[batch, B, seq, d]"),
+    ("loop.{t}.hook_state_in", "h^(t), the state entering loop step t", "[batch, seq, d]"),
+    ("loop.{t}.hook_core_out", "f_core(h^(t)) before any residual / anchor / MeSH mixing", "[batch, seq, d]"),
+    ("loop.{t}.mesh.hook_write_weights", "step t write router weights, input = h^(t) (MeSH)", "[batch, seq, B]"),
+    ("loop.{t}.mesh.hook_read_weights", "step t read router weights, input = h^(t) (MeSH)", "[batch, seq, B]"),
+    ("loop.{t}.mesh.hook_memory", "all B slots after step t's write (MeSH)", "[batch, B, seq, d]"),
+    ("loop.{t}.hook_state_out", "h^(t+1), the state leaving loop step t", "[batch, seq, d]"),
+    ("coda.hook_out", "h_out, the coda output before the final LayerNorm (recursive models)", "[batch, seq, d]"),
+    ("blocks.{u}.hook_resid_pre", "input of unrolled layer u", "[batch, seq, d]"),
+    ("blocks.{u}.attn.hook_pattern", "attention pattern of unrolled layer u (switches to explicit attention)",
+     "[batch, head, query, key]"),
+    ("blocks.{u}.hook_attn_out", "attention output of unrolled layer u", "[batch, seq, d]"),
+    ("blocks.{u}.hook_mlp_out", "MLP output of unrolled layer u", "[batch, seq, d]"),
+    ("blocks.{u}.hook_resid_post", "output of unrolled layer u (= input + attn_out + mlp_out)", "[batch, seq, d]"),
+]
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{t\}", r"\d+").replace(r"\{u\}", r"\d+") + "$")
+
+
+def table_row(hook_name: str) -> tuple[str, str, str]:
+    """The HOOK_TABLE row whose pattern matches `hook_name` (KeyError if none)."""
+    for row in HOOK_TABLE:
+        if _pattern_regex(row[0]).match(hook_name):
+            return row
+    raise KeyError(f"hook {hook_name!r} is not documented in HOOK_TABLE")
+
+
+def hook_table_markdown() -> str:
+    """The markdown table of hook names that the README embeds (tests check the README is in step)."""
+    lines = ["| hook name | tensor | shape |", "|---|---|---|"]
+    lines += [f"| `{name}` | {what} | {shape} |" for name, what, shape in HOOK_TABLE]
+    return "\n".join(lines)
+
+
+def stack_iterations(cache: Mapping[str, torch.Tensor], hook: str, n_loops: int | None = None) -> torch.Tensor:
+    """Stack `loop.{t}.<hook>` for t = 0..K-1 into one [K, ...] tensor.
+
+    `hook` is the part after `loop.{t}.`, e.g. "hook_state_out" or "mesh.hook_read_weights".
+    K is read from the cache keys when not given; a missing step raises KeyError naming it.
+    """
+    hook = hook.removeprefix("loop.{t}.")
+    if n_loops is None:
+        found = [int(m.group(1)) for k in cache.keys() if (m := re.match(rf"^loop\.(\d+)\.{re.escape(hook)}$", k))]
+        if not found:
+            raise KeyError(f"no 'loop.{{t}}.{hook}' entries in the cache (cached: {sorted(cache.keys())[:5]}...)")
+        n_loops = max(found) + 1
+    missing = [f"loop.{t}.{hook}" for t in range(n_loops) if f"loop.{t}.{hook}" not in cache]
+    if missing:
+        raise KeyError(f"cache lacks {missing}")
+    return torch.stack([cache[f"loop.{t}.{hook}"] for t in range(n_loops)])
+
+
+def states(cache: Mapping[str, torch.Tensor], n_loops: int) -> dict[str, torch.Tensor]:
+    """The paper's state sequence h_emb, h^(0), ..., h^(K), h_out from a cache of a recursive model."""
+    out = {"h_emb": cache["hook_embed"], "h^(0)": cache["loop.0.hook_state_in"]}
+    for t in range(n_loops):
+        out[f"h^({t + 1})"] = cache[f"loop.{t}.hook_state_out"]
+    out["h_out"] = cache["coda.hook_out"]
+    return out

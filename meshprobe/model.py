@@ -1,0 +1,353 @@
+"""Vanilla, recursive (Prelude - Core x K - Coda) and MeSH models with a HookPoint on every unrolled call site.
+
+Read top to bottom: the GPT-NeoX (Pythia) layer, the per-call-site hook holders, the MeSH step, the model.
+Equations and the paper's numbers: paper §1 (Yu et al. 2025, "MeSH").
+
+Weights and hooks are kept apart on purpose. Weights live once in `prelude.layers`, `core.layers` (shared
+by every loop step) or `blocks_weights.{t}` (unshared block layouts), and `coda.layers`. Hooks live in
+`blocks.{u}` (one per *unrolled* layer u) and `loop.{t}` (one per loop step t), so each call site has its
+own name and `run_with_cache` sees every iteration (a hook inside a tied layer would fire K times under one
+name and keep only the last call).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from meshprobe._tl import ActivationCache, HookedRootModule, HookPoint
+from meshprobe.config import ModelConfig
+
+
+def run_hook(hook: HookPoint, x: torch.Tensor) -> torch.Tensor:
+    """Call a HookPoint only when something is attached: idle hooks then cost one dict check."""
+    if hook._forward_hooks or hook._backward_hooks:
+        return hook(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The GPT-NeoX / Pythia layer: x + Attn(LN1(x)) + MLP(LN2(x)), rotary on the first rotary_pct of head dims.
+# ---------------------------------------------------------------------------------------------------------
+class LayerHooks(nn.Module):
+    """The hook points of one unrolled layer call site `blocks.{u}` (no parameters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+        self.attn = nn.Module()
+        self.attn.hook_pattern = HookPoint()  # [batch, head, query, key]
+
+
+def rotary_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [n_ctx, rotary_dims] in GPT-NeoX's rotate-half layout."""
+    dims = cfg.rotary_dims
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)))
+    angles = torch.outer(torch.arange(cfg.n_ctx, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x [batch, head, seq, d_head]; the rest pass through."""
+    dims = cos.shape[-1]
+    if dims == 0:
+        return x
+    rot, rest = x[..., :dims], x[..., dims:]
+    half = dims // 2
+    rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated_half * sin, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x, cos, sin, hook_pattern: HookPoint) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
+        if hook_pattern._forward_hooks or hook_pattern._backward_hooks:
+            # Someone wants the pattern: compute it explicitly (slower than the fused kernel).
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.d_head)
+            mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
+            pattern = hook_pattern(scores.masked_fill(mask, float("-inf")).softmax(dim=-1))
+            z = pattern.to(v.dtype) @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(z.transpose(1, 2).reshape(b, s, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.down = nn.Linear(cfg.d_mlp, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class NeoXLayer(nn.Module):
+    """One Pythia layer (12 d^2 + 13 d parameters). Hooks come from the call site, not from the layer."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, hooks: LayerHooks) -> torch.Tensor:
+        x = run_hook(hooks.hook_resid_pre, x)
+        attn_out = run_hook(hooks.hook_attn_out, self.attn(self.ln_attn(x), cos, sin, hooks.attn.hook_pattern))
+        mlp_out = run_hook(hooks.hook_mlp_out, self.mlp(self.ln_mlp(x)))
+        return run_hook(hooks.hook_resid_post, x + attn_out + mlp_out)
+
+
+class Stack(nn.Module):
+    """A list of unshared layers (the prelude, the coda, the core, or one unshared block) plus `hook_out`."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(NeoXLayer(cfg) for _ in range(n_layers))
+        self.hook_out = HookPoint()
+
+    def forward(self, x, cos, sin, call_sites: list[LayerHooks]) -> torch.Tensor:
+        for layer, hooks in zip(self.layers, call_sites):
+            x = layer(x, cos, sin, hooks)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MeSH: a buffer of B slots, written and read by per-step routers (paper §1.3).
+# ---------------------------------------------------------------------------------------------------------
+class MeshStep(nn.Module):
+    """One write-read cycle. Routers read the step's INPUT state; the read happens after the write.
+
+        w_w = softmax(W_write x + b),  w_r = softmax(W_read x + b)      [batch, seq, B]
+        m_b <- m_b + w_w[..., b] * h_m                                   (writes accumulate)
+        h_next = sum_b w_r[..., b] * m_b
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.write_router = nn.Linear(cfg.d_model, cfg.mesh_slots)
+        self.read_router = nn.Linear(cfg.d_model, cfg.mesh_slots)
+        self.hook_write_weights = HookPoint()  # [batch, seq, B]
+        self.hook_read_weights = HookPoint()  # [batch, seq, B]
+        self.hook_memory = HookPoint()  # [batch, B, seq, d], after this step's write
+
+    def forward(self, router_input, h_m, memory) -> tuple[torch.Tensor, torch.Tensor]:
+        w_write = run_hook(self.hook_write_weights, self.write_router(router_input).softmax(dim=-1))
+        w_read = run_hook(self.hook_read_weights, self.read_router(router_input).softmax(dim=-1))
+        memory = memory + w_write.transpose(1, 2).unsqueeze(-1) * h_m.unsqueeze(1)
+        memory = run_hook(self.hook_memory, memory)
+        return torch.einsum("bsn,bnsd->bsd", w_read, memory), memory
+
+
+class LoopStep(nn.Module):
+    """Hooks (and, for MeSH / comb variants, the per-step parameters) of loop step `loop.{t}`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.hook_state_in = HookPoint()  # h^(t)
+        self.hook_core_out = HookPoint()  # f_core(h^(t)) before any mixing
+        self.hook_state_out = HookPoint()  # h^(t+1)
+        if cfg.variant == "mesh":
+            self.mesh = MeshStep(cfg)
+        elif cfg.variant == "static_comb":
+            self.comb = nn.Parameter(torch.ones(3))  # (a1, a2, a3) start as +anchor+anchor*
+        elif cfg.variant == "dynamic_comb":
+            self.comb = nn.Linear(cfg.d_model, 3)  # a = W h^(t) + b per token, starts at (1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------
+class MeshprobeModel(HookedRootModule):
+    """Vanilla, recursive or MeSH language model; `forward(tokens) -> logits [batch, seq, vocab]`.
+
+    State hooks: `hook_embed`, `prelude.hook_out`, `loop.{t}.hook_state_in/core_out/state_out`,
+    `entry.mesh.*`, `loop.{t}.mesh.*`, `coda.hook_out`; per-layer hooks `blocks.{u}.*` over the unrolled
+    depth u. Choices where the paper is silent are documented on ModelConfig and in `_supplement`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.hook_embed = HookPoint()
+        if cfg.is_vanilla:
+            self.layers = nn.ModuleList(NeoXLayer(cfg) for _ in range(cfg.unrolled_depth))
+        else:
+            self.prelude = Stack(cfg, cfg.prelude_layers)
+            if cfg.shared:
+                self.core = Stack(cfg, cfg.block_layers[0])
+            else:
+                self.blocks_weights = nn.ModuleList(Stack(cfg, n) for n in cfg.block_layers)
+            self.loop = nn.ModuleList(LoopStep(cfg) for _ in range(cfg.n_loops))
+            if cfg.variant == "mesh":
+                self.entry = nn.Module()
+                self.entry.mesh = MeshStep(cfg)
+            self.coda = Stack(cfg, cfg.coda_layers)
+        self.blocks = nn.ModuleList(LayerHooks() for _ in range(cfg.unrolled_depth))
+        self.ln_final = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.unembed = nn.Linear(d, cfg.vocab_size, bias=False)
+        cos, sin = rotary_tables(cfg)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.init_weights()
+        self.setup()
+
+    @torch.no_grad()
+    def reset_rotary(self) -> None:
+        """Recompute the rotary tables in place (needed after `to_empty`, which leaves buffers unset)."""
+        cos, sin = rotary_tables(self.cfg)
+        self.rotary_cos.copy_(cos)
+        self.rotary_sin.copy_(sin)
+
+    # --- init --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) everywhere, zero biases, LayerNorm (1, 0); output projections (attention out,
+        MLP down) get std init_std / sqrt(2 * unrolled depth) (the paper's depth-aware init)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.unrolled_depth)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith("attn.out") or name.endswith("mlp.down")
+                is_router = name.endswith("_router")
+                if is_router and self.cfg.router_init == "zeros":
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.normal_(module.weight, std=out_std if is_output else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.cfg.variant == "dynamic_comb":
+            for step in self.loop:
+                nn.init.zeros_(step.comb.weight)
+                nn.init.ones_(step.comb.bias)
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def call_sites(self, start: int, n: int) -> list[LayerHooks]:
+        return list(self.blocks[start : start + n])
+
+    def step_weights(self, t: int) -> Stack:
+        return self.core if self.cfg.shared else self.blocks_weights[t]
+
+    def forward(self, tokens: torch.Tensor, return_type: str = "logits"):
+        """tokens [batch, seq] -> logits [batch, seq, vocab]; return_type "loss" gives next-token loss,
+        "both" gives (logits, loss), "hidden" gives h_out (before the final LayerNorm)."""
+        cfg = self.cfg
+        if tokens.shape[-1] > cfg.n_ctx:
+            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds the model context n_ctx={cfg.n_ctx}")
+        cos, sin = self.rotary_cos, self.rotary_sin
+        h_emb = run_hook(self.hook_embed, self.embed(tokens) * cfg.embed_scale)
+        if cfg.is_vanilla:
+            h_out = h_emb
+            for layer, hooks in zip(self.layers, self.blocks):
+                h_out = layer(h_out, cos, sin, hooks)
+        else:
+            h_out = self.forward_recursive(h_emb, cos, sin)
+        if return_type == "hidden":
+            return h_out
+        logits = self.unembed(self.ln_final(h_out))
+        if return_type == "logits":
+            return logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        return loss if return_type == "loss" else (logits, loss)
+
+    def forward_recursive(self, h_emb, cos, sin) -> torch.Tensor:
+        cfg = self.cfg
+        u = cfg.prelude_layers  # unrolled index of the next layer call
+        prelude_out = run_hook(self.prelude.hook_out, self.prelude(h_emb, cos, sin, self.call_sites(0, u)))
+        memory = None
+        if cfg.variant == "mesh":
+            empty = h_emb.new_zeros(h_emb.shape[0], cfg.mesh_slots - 1, *h_emb.shape[1:])
+            memory = torch.cat([h_emb.unsqueeze(1), empty], dim=1)  # m_0 = h_emb, the other slots empty
+            # Entry cycle: write the prelude output, read h^(0); routers see the prelude output.
+            h, memory = self.entry.mesh(prelude_out, prelude_out, memory)
+        else:
+            h = prelude_out
+        h0 = h
+        for t, step in enumerate(self.loop):
+            h = run_hook(step.hook_state_in, h)
+            stack = self.step_weights(t)
+            h_m = run_hook(step.hook_core_out, stack(h, cos, sin, self.call_sites(u, len(stack.layers))))
+            u += len(stack.layers)
+            if cfg.variant == "mesh":
+                h_next, memory = step.mesh(h, h_m, memory)
+            else:
+                h_next = self._supplement(step, h_m, h, h0, h_emb)
+            h = run_hook(step.hook_state_out, h_next)
+        coda_out = self.coda(h, cos, sin, self.call_sites(u, cfg.coda_layers))
+        return run_hook(self.coda.hook_out, coda_out)
+
+    def _supplement(self, step: LoopStep, h_m, h, h0, h_emb) -> torch.Tensor:
+        """h^(t+1) = f(h^(t)) + h_sup (paper §1.2). anchor = h^(0), the prelude output; anchor_emb = h_emb.
+        static/dynamic comb: a1 h_m + a2 h^(0) + a3 h_emb; dynamic computes a per token from h^(t)."""
+        variant = self.cfg.variant
+        if variant in ("static_comb", "dynamic_comb"):
+            a = step.comb if variant == "static_comb" else step.comb(h)
+            return a[..., 0:1] * h_m + a[..., 1:2] * h0 + a[..., 2:3] * h_emb
+        terms = self.cfg.supplement_terms
+        out = h_m
+        if "residual" in terms:
+            out = out + h
+        if "anchor" in terms:
+            out = out + h0
+        if "anchor_emb" in terms:
+            out = out + h_emb
+        return out
+
+    # --- introspection -----------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """total, non_embedding (everything but embed and unembed, final LN included, tied weights once),
+        router (MeSH router weights and biases)."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.embed.weight.numel() + self.unembed.weight.numel()
+        router = sum(p.numel() for n, p in self.named_parameters() if "_router." in n)
+        return {"total": total, "non_embedding": total - embedding, "router": router}
+
+    def state_hook_names(self) -> list[str]:
+        """The state-level hooks (the public contract), in the order they fire."""
+        if self.cfg.is_vanilla:
+            return ["hook_embed"]
+        mesh = ["hook_write_weights", "hook_read_weights", "hook_memory"] if self.cfg.variant == "mesh" else []
+        names = ["hook_embed", "prelude.hook_out"] + [f"entry.mesh.{m}" for m in mesh]
+        for t in range(self.cfg.n_loops):
+            names += [f"loop.{t}.hook_state_in", f"loop.{t}.hook_core_out"]
+            names += [f"loop.{t}.mesh.{m}" for m in mesh] + [f"loop.{t}.hook_state_out"]
+        return names + ["coda.hook_out"]
+
+    def run_with_cache(self, *args, **kwargs):
+        """TransformerLens's run_with_cache, returning an ActivationCache (4.x returns a plain dict)."""
+        out, cache = super().run_with_cache(*args, **kwargs)
+        if not isinstance(cache, ActivationCache):
+            cache = ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return out, cache
+
+
+def build_model(cfg: ModelConfig | dict, device: str | torch.device | None = None) -> MeshprobeModel:
+    """Build a model from a ModelConfig (or its dict). device="meta" builds without allocating memory."""
+    if isinstance(cfg, dict):
+        cfg = ModelConfig.from_dict(cfg)
+    if device is None:
+        return MeshprobeModel(cfg)
+    with torch.device(device):
+        return MeshprobeModel(cfg)
