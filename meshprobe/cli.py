@@ -12,7 +12,7 @@ import sys
 # (subcommand, module, one-line help)
 COMMANDS = [
     ("train", "meshprobe.train_cli", "train a vanilla, recursive or MeSH model"),
-    ("eval", "meshprobe.train_cli_eval", "validation loss and perplexity of a checkpoint"),
+    ("eval", "meshprobe.eval_cli", "validation loss and perplexity of a checkpoint"),
     ("analyze", "meshprobe.analysis.cli", "diagnostics, probes and figures for one or more checkpoints"),
     ("info", "meshprobe.info_cli", "config, parameter counts and hook names of a checkpoint"),
     ("data", "meshprobe.data_cli", "list, pack and inspect training corpora"),
