@@ -1,0 +1,255 @@
+"""Model tests: shapes, causality, equations (against a hand-written unrolled reference), parameter counts,
+config validation, and the vanilla layer against HF's GPT-NeoX (Pythia) implementation."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_cfg
+
+from meshprobe import ModelConfig, UserError, build_model
+
+
+def randomized(cfg, seed=0):
+    """A model whose every parameter (biases, LayerNorms, routers included) is random, so no term hides."""
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.ndim == 2 else 0.3))
+    return model
+
+
+def tokens_for(cfg, batch=2, seq=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, seq or cfg.n_ctx), generator=g)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A reference written straight from the equations (paper §1), independent of the model's forward code.
+# ----------------------------------------------------------------------------------------------------------
+def ref_layer(x, layer, cfg):
+    b, s, d = x.shape
+    h, dh, r = cfg.n_heads, cfg.d_head, cfg.rotary_dims
+    a = F.layer_norm(x, (d,), layer.ln_attn.weight, layer.ln_attn.bias, cfg.layer_norm_eps)
+    qkv = a @ layer.attn.qkv.weight.T + layer.attn.qkv.bias
+    q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, s, h, dh).transpose(1, 2) for i in range(3))
+    pos = torch.arange(s, dtype=torch.float32)
+    freqs = torch.stack([pos / cfg.rotary_base ** (2 * j / r) for j in range(r // 2)], dim=-1)  # [s, r/2]
+
+    def rotate(t):
+        t1, t2, rest = t[..., : r // 2], t[..., r // 2:r], t[..., r:]
+        c, sn = freqs.cos(), freqs.sin()
+        return torch.cat([t1 * c - t2 * sn, t2 * c + t1 * sn, rest], dim=-1)
+
+    q, k = rotate(q), rotate(k)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+    scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    z = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, d)
+    attn = z @ layer.attn.out.weight.T + layer.attn.out.bias
+    m = F.layer_norm(x, (d,), layer.ln_mlp.weight, layer.ln_mlp.bias, cfg.layer_norm_eps)
+    mlp = F.gelu(m @ layer.mlp.up.weight.T + layer.mlp.up.bias) @ layer.mlp.down.weight.T + layer.mlp.down.bias
+    return x + attn + mlp
+
+
+def ref_stack(x, stack, cfg):
+    for layer in stack:
+        x = ref_layer(x, layer, cfg)
+    return x
+
+
+def ref_router(x, linear):
+    return torch.softmax(x @ linear.weight.T + linear.bias, dim=-1)  # [b, s, B]
+
+
+def ref_forward(model, tokens):
+    cfg = model.cfg
+    h_emb = model.embed.weight[tokens] * (math.sqrt(cfg.d_model) if cfg.embed_scale != 1.0 else 1.0)
+    if cfg.is_vanilla:
+        h_out = ref_stack(h_emb, model.layers, cfg)
+    else:
+        p = ref_stack(h_emb, model.prelude.layers, cfg)
+        if cfg.variant == "mesh":
+            B = cfg.mesh_slots
+            slots = [h_emb] + [torch.zeros_like(h_emb) for _ in range(B - 1)]
+
+            def cycle(router_in, written, mesh):
+                ww, wr = ref_router(router_in, mesh.write_router), ref_router(router_in, mesh.read_router)
+                for i in range(B):
+                    slots[i] = slots[i] + ww[..., i:i + 1] * written
+                return sum(wr[..., i:i + 1] * slots[i] for i in range(B))
+
+            h = cycle(p, p, model.entry.mesh)
+        else:
+            h = p
+        h0 = h
+        for t in range(cfg.n_loops):
+            core = model.core.layers if cfg.shared else model.blocks_weights[t].layers
+            f = ref_stack(h, core, cfg)
+            v = cfg.variant
+            if v == "mesh":
+                h_next = cycle(h, f, model.loop[t].mesh)
+            elif v == "static_comb":
+                a = model.loop[t].comb
+                h_next = a[0] * f + a[1] * h0 + a[2] * h_emb
+            elif v == "dynamic_comb":
+                a = h @ model.loop[t].comb.weight.T + model.loop[t].comb.bias
+                h_next = a[..., 0:1] * f + a[..., 1:2] * h0 + a[..., 2:3] * h_emb
+            else:
+                terms = set(v.split("+")) - {"base"}
+                h_next = f + ("residual" in terms) * h + ("anchor" in terms) * h0 + ("anchor_emb" in terms) * h_emb
+            h = h_next
+        h_out = ref_stack(h, model.coda.layers, cfg)
+    x = F.layer_norm(h_out, (cfg.d_model,), model.ln_final.weight, model.ln_final.bias, cfg.layer_norm_eps)
+    return x @ model.unembed.weight.T
+
+
+def test_forward_matches_hand_written_equations(any_cfg):
+    model = randomized(any_cfg)
+    tokens = tokens_for(any_cfg)
+    with torch.no_grad():
+        got, want = model(tokens), ref_forward(model, tokens)
+    assert got.shape == (2, any_cfg.n_ctx, any_cfg.vocab_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_explicit_attention_path_equals_fused(any_cfg):
+    """Hooking the attention pattern switches to explicit attention; the logits must not change."""
+    model = randomized(any_cfg)
+    tokens = tokens_for(any_cfg)
+    with torch.no_grad():
+        fused = model(tokens)
+        explicit = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: x)])
+    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-4)
+
+
+def test_causal(any_cfg):
+    model = randomized(any_cfg)
+    tokens = tokens_for(any_cfg, batch=1)
+    changed = tokens.clone()
+    changed[0, 9:] = (changed[0, 9:] + 1) % any_cfg.vocab_size
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_loss_and_gradients_flow(any_cfg):
+    model = build_model(any_cfg)
+    loss = model(tokens_for(any_cfg), return_type="loss")
+    assert abs(loss.item() - math.log(any_cfg.vocab_size)) < 1.0  # near-uniform at init
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+def test_too_long_sequence_is_rejected():
+    cfg = tiny_cfg()
+    with pytest.raises(ValueError, match="n_ctx"):
+        build_model(cfg)(torch.zeros(1, cfg.n_ctx + 1, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter fidelity (paper Table 5), built on the meta device.
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "layout, variant, slots, non_embedding, router",
+    [
+        ("24", "vanilla", None, 1_208_602_624, 0),
+        ("4+8R2+4", "base", None, 805_736_448, 0),
+        ("4+8R2+4", "mesh", 5, 805_797_918, 61_470),
+    ],
+)
+def test_pythia_1p4b_parameter_counts(layout, variant, slots, non_embedding, router):
+    cfg = ModelConfig(d_model=2048, n_heads=16, vocab_size=50304, n_ctx=2048, layout=layout, variant=variant,
+                      mesh_slots=slots)
+    counts = build_model(cfg, device="meta").parameter_counts()
+    assert counts["non_embedding"] == non_embedding
+    assert counts["router"] == router
+
+
+def test_core_weights_are_tied_and_stored_once():
+    model = build_model(tiny_cfg(layout="1+2R3+1"))
+    core_keys = [k for k in model.state_dict() if k.startswith("core.")]
+    assert len([k for k in core_keys if k.endswith("attn.qkv.weight")]) == 2  # 2 core layers, not 6
+    assert not any("blocks." in k for k in model.state_dict())  # hook holders carry no weights
+
+
+def test_mesh_default_slots_and_depth_aware_init():
+    cfg = tiny_cfg(variant="mesh", layout="3+6R3+3", d_model=64)
+    assert cfg.mesh_slots == 6  # B = K + 3
+    model = build_model(cfg)
+    out_std = model.core.layers[0].mlp.down.weight.std().item()
+    in_std = model.core.layers[0].mlp.up.weight.std().item()
+    assert in_std == pytest.approx(0.02, rel=0.1)
+    assert out_std == pytest.approx(0.02 / math.sqrt(2 * 21), rel=0.1)  # unrolled depth 3 + 18 + 3
+
+
+def test_router_zero_init_gives_uniform_routing():
+    cfg = tiny_cfg(variant="mesh", router_init="zeros")
+    model = build_model(cfg)
+    _, cache = model.run_with_cache(tokens_for(cfg), names_filter=lambda n: n.endswith("weights"))
+    for name, w in cache.items():
+        torch.testing.assert_close(w, torch.full_like(w, 1 / cfg.mesh_slots))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(variant="mesh", mesh_slots=1), "at least 2"),
+        (dict(d_model=30, n_heads=4), "not divisible"),
+        (dict(layout="3+6X3+3"), "does not parse"),
+        (dict(layout="24", variant="mesh"), "looped layout"),
+        (dict(layout="3+6R3+3", variant="vanilla"), "no shared core"),
+        (dict(variant="anchorx"), "unknown variant"),
+        (dict(variant="base", mesh_slots=4), "only for variant 'mesh'"),
+        (dict(layout="1+2R0+1"), ">= 1"),
+        (dict(router_init="xavier"), "router_init"),
+    ],
+)
+def test_invalid_configs_say_what_to_change(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        tiny_cfg(**kwargs)
+
+
+def test_variant_spellings_are_canonical():
+    assert tiny_cfg(variant="anchor+residual").variant == "residual+anchor"
+    assert tiny_cfg(variant="anchor*").variant == "anchor_emb"
+
+
+def test_vanilla_layer_matches_hf_gpt_neox():
+    """Our vanilla model is Pythia: copy weights into HF's GPTNeoXForCausalLM and compare logits."""
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_cfg(variant="vanilla", layout="3")
+    ours = randomized(cfg)
+    hf_cfg = transformers.GPTNeoXConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=3, num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_mlp, hidden_act="gelu", rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rotary_base,
+        max_position_embeddings=cfg.n_ctx, layer_norm_eps=cfg.layer_norm_eps, use_parallel_residual=True,
+        tie_word_embeddings=False, attention_dropout=0.0, hidden_dropout=0.0,
+    )
+    hf_cfg._attn_implementation = "eager"
+    hf = transformers.GPTNeoXForCausalLM(hf_cfg).eval()
+    h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
+    unembed_key = "embed_out.weight" if "embed_out.weight" in hf.state_dict() else "lm_head.weight"  # renamed in 5.x
+    sd = {"gpt_neox.embed_in.weight": ours.embed.weight, unembed_key: ours.unembed.weight,
+          "gpt_neox.final_layer_norm.weight": ours.ln_final.weight, "gpt_neox.final_layer_norm.bias": ours.ln_final.bias}
+    for i, layer in enumerate(ours.layers):
+        pre = f"gpt_neox.layers.{i}."
+        # ours: qkv rows ordered (q|k|v, head, d_head); HF: (head, q|k|v, d_head)
+        w = layer.attn.qkv.weight.view(3, h, dh, d).transpose(0, 1).reshape(3 * d, d)
+        bias = layer.attn.qkv.bias.view(3, h, dh).transpose(0, 1).reshape(3 * d)
+        sd.update({
+            pre + "input_layernorm.weight": layer.ln_attn.weight, pre + "input_layernorm.bias": layer.ln_attn.bias,
+            pre + "post_attention_layernorm.weight": layer.ln_mlp.weight,
+            pre + "post_attention_layernorm.bias": layer.ln_mlp.bias,
+            pre + "attention.query_key_value.weight": w, pre + "attention.query_key_value.bias": bias,
+            pre + "attention.dense.weight": layer.attn.out.weight, pre + "attention.dense.bias": layer.attn.out.bias,
+            pre + "mlp.dense_h_to_4h.weight": layer.mlp.up.weight, pre + "mlp.dense_h_to_4h.bias": layer.mlp.up.bias,
+            pre + "mlp.dense_4h_to_h.weight": layer.mlp.down.weight, pre + "mlp.dense_4h_to_h.bias": layer.mlp.down.bias,
+        })
+    missing, unexpected = hf.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=False)
+    assert not unexpected and all("rotary" in k or "masked_bias" in k for k in missing), (missing, unexpected)
+    tokens = tokens_for(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
