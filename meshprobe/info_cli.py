@@ -11,12 +11,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshprobe.checkpoint import read_checkpoint_config
-    from meshprobe.config import ModelConfig
-    from meshprobe.model import build_model
+    from meshprobe.checkpoint import load_checkpoint
 
-    config = read_checkpoint_config(args.path)  # validates before the (slower) model build
-    model = build_model(ModelConfig.from_dict(config["model"]), device="meta")
+    model = load_checkpoint(args.path)  # validates config, weights and their agreement
+    config = model.checkpoint_config
     counts = model.parameter_counts()
     hooks = list(model.hook_dict)
     if args.json:

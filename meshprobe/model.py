@@ -114,12 +114,14 @@ class NeoXLayer(nn.Module):
 
 
 class Stack(nn.Module):
-    """A list of unshared layers (the prelude, the coda, the core, or one unshared block) plus `hook_out`."""
+    """A list of layers: the prelude or coda (with `hook_out`), the core, or one unshared block (whose
+    output hook is `loop.{t}.hook_core_out`, one per call site)."""
 
-    def __init__(self, cfg: ModelConfig, n_layers: int) -> None:
+    def __init__(self, cfg: ModelConfig, n_layers: int, hook_out: bool = True) -> None:
         super().__init__()
         self.layers = nn.ModuleList(NeoXLayer(cfg) for _ in range(n_layers))
-        self.hook_out = HookPoint()
+        if hook_out:
+            self.hook_out = HookPoint()
 
     def forward(self, x, cos, sin, call_sites: list[LayerHooks]) -> torch.Tensor:
         for layer, hooks in zip(self.layers, call_sites):
@@ -192,9 +194,9 @@ class MeshprobeModel(HookedRootModule):
         else:
             self.prelude = Stack(cfg, cfg.prelude_layers)
             if cfg.shared:
-                self.core = Stack(cfg, cfg.block_layers[0])
+                self.core = Stack(cfg, cfg.block_layers[0], hook_out=False)
             else:
-                self.blocks_weights = nn.ModuleList(Stack(cfg, n) for n in cfg.block_layers)
+                self.blocks_weights = nn.ModuleList(Stack(cfg, n, hook_out=False) for n in cfg.block_layers)
             self.loop = nn.ModuleList(LoopStep(cfg) for _ in range(cfg.n_loops))
             if cfg.variant == "mesh":
                 self.entry = nn.Module()
