@@ -32,10 +32,10 @@ named source, each path given in the spec), so validation holds a slice of every
 
 Caps
 ----
-:data:`LINUX_DOC_MAX_BYTES` caps the ``linux-doc`` source (about 28 MB of .rst/.txt in linux-doc-6.1) so that
-``mix`` stays around 55 MB of text (about 14 M BPE-8k tokens; tokenizer training + tokenization take about a
-minute on 2 cores). The files kept are chosen by hash of their path, not alphabetically, so the capped subset
-covers every part of the kernel documentation.
+:data:`LINUX_DOC_MAX_BYTES` caps the ``linux-doc`` source (about 28.5 MB of .rst/.txt in linux-doc-6.1) so that
+``mix`` stays under 60 MB of text (58.3 MB with every source: about 17 M train + 0.9 M val BPE-8k tokens;
+training the tokenizer takes ~10 s and tokenizing ~23 s on 2 cores). The files kept are chosen by hash of
+their path, not alphabetically, so the capped subset covers every part of the kernel documentation.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ import gzip
 import hashlib
 import html.parser
 import importlib.resources
-
 import json
 import lzma
 import os
@@ -73,7 +72,7 @@ __all__ = [
     "Source", "SOURCES", "get_source", "list_sources", "missing_sources",
     "Corpus", "open_corpus", "load_corpus", "pack",
     "train_tokenizer", "save_tokenizer", "load_tokenizer", "encode_documents", "cached_tokenizer",
-    "cache_root", "tokenize_corpus", "get_batch", "eval_batches", "sample_sequences",
+    "default_cache_dir", "tokenize_corpus", "get_batch", "eval_batches", "sample_sequences",
 ]
 
 # --------------------------------------------------------------------------------------------- constants
@@ -329,12 +328,22 @@ class WordNetSource(Source):
         gloss = gloss.strip()
         return f"{', '.join(words)}: {gloss}" if words else gloss
 
-    def items(self):
+    _cache: tuple[str, list[tuple[str, str]]] | None = None
+
+    def _parse(self) -> list[tuple[str, str]]:
+        docs = []
         for p in self._files():
             lines = [t for t in map(self._line, _read_text_file(p).split("\n")) if t]
             for i in range(0, len(lines), WORDNET_SYNSETS_PER_DOC):
-                yield (f"{p.name}:{i // WORDNET_SYNSETS_PER_DOC}",
-                       "\n".join(lines[i:i + WORDNET_SYNSETS_PER_DOC]) + "\n")
+                docs.append((f"{p.name}:{i // WORDNET_SYNSETS_PER_DOC}",
+                             "\n".join(lines[i:i + WORDNET_SYNSETS_PER_DOC]) + "\n"))
+        return docs
+
+    def items(self):
+        key = self.fingerprint()  # parsing takes ~0.3 s: keep the ~11 MB of glosses once parsed
+        if WordNetSource._cache is None or WordNetSource._cache[0] != key:
+            WordNetSource._cache = (key, self._parse())
+        yield from WordNetSource._cache[1]
 
     def fingerprint(self):
         return _files_fingerprint(self._files(), self.root)
@@ -736,29 +745,32 @@ class Corpus:
     def items(self) -> Iterator[tuple[str, str, str, str]]:
         """All documents as ``(split, source, doc_id, text)`` in a fixed order, each read once."""
         for part in self.parts:
-            ids = part.doc_ids()
-            val_ids: set[str] = set()
-            doc_split = len(ids) >= MIN_DOCS_FOR_DOC_SPLIT
-            if doc_split:
-                val_ids = _val_ids(ids)
-            n = 0
-            for d in self._part_docs(part):
-                if not d.text.strip():
-                    continue
-                n += 1
-                if d.split is not None:
-                    yield d.split, d.source, d.doc_id, d.text
-                elif doc_split:
-                    yield ("val" if d.doc_id in val_ids else "train"), d.source, d.doc_id, d.text
-                else:
-                    cut = _cut_point(d.text)
-                    if cut > 0:
-                        yield "train", d.source, d.doc_id, d.text[:cut]
-                    if cut < len(d.text):
-                        yield "val", d.source, d.doc_id + "#tail", d.text[cut:]
-            if n == 0:
-                where = part.spec_item if isinstance(part, PathSource) else part.name
-                raise UserError(f"no text in {where}")
+            yield from self._part_items(part)
+
+    def _part_items(self, part) -> Iterator[tuple[str, str, str, str]]:
+        ids = part.doc_ids()
+        val_ids: set[str] = set()
+        doc_split = len(ids) >= MIN_DOCS_FOR_DOC_SPLIT
+        if doc_split:
+            val_ids = _val_ids(ids)
+        n = 0
+        for d in self._part_docs(part):
+            if not d.text.strip():
+                continue
+            n += 1
+            if d.split is not None:
+                yield d.split, d.source, d.doc_id, d.text
+            elif doc_split:
+                yield ("val" if d.doc_id in val_ids else "train"), d.source, d.doc_id, d.text
+            else:
+                cut = _cut_point(d.text)
+                if cut > 0:
+                    yield "train", d.source, d.doc_id, d.text[:cut]
+                if cut < len(d.text):
+                    yield "val", d.source, d.doc_id + "#tail", d.text[cut:]
+        if n == 0:
+            where = part.spec_item if isinstance(part, PathSource) else part.name
+            raise UserError(f"no text in {where}")
 
     def documents(self, split: str) -> Iterator[str]:
         if split not in SPLITS:
@@ -776,10 +788,12 @@ class Corpus:
     def describe(self) -> list[dict]:
         """Per source: documents and UTF-8 bytes in each split."""
         rows: dict[str, dict] = {}
-        for split, source, _, text in self.items():
-            r = rows.setdefault(source, dict(source=source, train_docs=0, val_docs=0, train_bytes=0, val_bytes=0))
-            r[f"{split}_docs"] += 1
-            r[f"{split}_bytes"] += len(text.encode("utf-8"))
+        for part in self.parts:
+            for split, source, _, text in self._part_items(part):
+                label = source if source == part.name else f"{part.name}:{source}"  # packed files: file:source
+                r = rows.setdefault(label, dict(source=label, train_docs=0, val_docs=0, train_bytes=0, val_bytes=0))
+                r[f"{split}_docs"] += 1
+                r[f"{split}_bytes"] += len(text.encode("utf-8"))
         return list(rows.values())
 
 
@@ -801,6 +815,9 @@ def _atomic_path(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -942,13 +959,14 @@ def load_tokenizer(path: str | os.PathLike) -> "tokenizers.Tokenizer":
         raise UserError(f"cannot load tokenizer {path}: {exc}") from None
 
 
-def cache_root() -> Path:
-    """``$MESHPROBE_CACHE`` if set, else ``$XDG_CACHE_HOME/meshprobe`` (``~/.cache/meshprobe``)."""
+def default_cache_dir() -> Path:
+    """Token and tokenizer cache: ``$MESHPROBE_CACHE`` if set, else ``~/.cache/meshprobe/tokens``
+    (``$XDG_CACHE_HOME/meshprobe/tokens`` when XDG_CACHE_HOME is set)."""
     env = os.environ.get("MESHPROBE_CACHE")
     if env:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "meshprobe"
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "meshprobe" / "tokens"
 
 
 @contextmanager
@@ -972,13 +990,13 @@ def cached_tokenizer(corpus: Corpus | str | Sequence[str], vocab_size: int = DEF
                      cache_dir: str | os.PathLike | None = None) -> "tokenizers.Tokenizer":
     """Train a tokenizer on the corpus' train documents once; later calls load it from the cache.
 
-    Kept at ``<cache_dir or cache_root()/tokenizers>/<sha256(fingerprint, vocab)>.json``.
+    Kept at ``<cache_dir or default_cache_dir()>/tokenizer-<sha256(corpus fingerprint, vocab_size)>.json``.
     """
     corpus = open_corpus(corpus)
-    root = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenizers"
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _sha(f"bpe-bytelevel-v1\0{vocab_size}\0{corpus.fingerprint}")[:32]
-    path = root / f"{key}.json"
-    with _locked(root / f"{key}.lock"):
+    path = root / f"tokenizer-{key}.json"
+    with _locked(root / f"tokenizer-{key}.lock"):
         if path.is_file():
             return load_tokenizer(path)
         tok = train_tokenizer(corpus.train_documents(), vocab_size)
@@ -1035,12 +1053,12 @@ def tokenize_corpus(corpus: Corpus | str | Sequence[str], tokenizer: "tokenizers
     """Token ids of each split as read-only memory-mapped ``.npy`` arrays: ``dict(train=..., val=...)``.
 
     Every document is followed by the EOT id (0). dtype uint16 for vocabularies up to 65535 tokens, else uint32.
-    Cached under ``<cache_dir or cache_root()/tokens>/<key>/{train,val}.npy`` with
+    Cached under ``<cache_dir or default_cache_dir()>/<key>/{train,val}.npy`` with
     ``key = sha256(tokenizer JSON + corpus fingerprint)``; files are written to temp names and renamed, and
     ``meta.json`` (written last) marks a complete entry, so a second call only memory-maps the files.
     """
     corpus = open_corpus(corpus)
-    root = Path(cache_dir) if cache_dir is not None else cache_root() / "tokens"
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = hashlib.sha256(
         (CACHE_VERSION + "\0" + tokenizer.to_str() + "\0" + corpus.fingerprint).encode("utf-8")).hexdigest()
     entry = root / key[:32]

@@ -42,7 +42,8 @@ def test_relative_update_batched_matches_loop():
     r = relative_update(f, h)
     assert r.shape == (5,) and r.dtype == torch.float64
     for i in range(5):
-        expect = 2 * (f[i] - h[i]).double().norm() / (f[i].double().norm() + h[i].double().norm())
+        fi, hi = f[i].double(), h[i].double()
+        expect = 2 * (fi - hi).norm() / (fi.norm() + hi.norm())
         assert r[i].item() == pytest.approx(expect.item(), rel=1e-12)
     with pytest.raises(ValueError):
         relative_update(h, h[:, :4])
@@ -82,13 +83,46 @@ def test_rbf_cka_not_invariant_to_anisotropic_scaling():
 @pytest.mark.parametrize("cka", [linear_cka, rbf_cka])
 def test_cka_independent_small_vs_noisy_copy(cka):
     g = _gen(5)
-    X = torch.randn(128, 32, generator=g)
-    Z = torch.randn(128, 32, generator=g)
-    noisy = X + 0.3 * torch.randn(128, 32, generator=g)
+    X = torch.randn(256, 6, generator=g)
+    Z = torch.randn(256, 6, generator=g)
+    noisy = X + 0.3 * torch.randn(256, 6, generator=g)
     c_ind, c_noisy = cka(X, Z).item(), cka(X, noisy).item()
     assert c_noisy > 0.8
-    assert c_ind < 0.4
-    assert c_noisy > c_ind + 0.4
+    assert c_ind < 0.2
+    assert c_noisy > c_ind + 0.6
+
+
+@pytest.mark.parametrize("cka", [linear_cka, rbf_cka])
+def test_debiased_cka_removes_high_dim_floor(cka):
+    # few examples in many dimensions: biased CKA of independent data is large, debiased is ~0
+    g = _gen(14)
+    X = torch.randn(64, 512, generator=g)
+    Z = torch.randn(64, 512, generator=g)
+    noisy = X + 0.5 * torch.randn(64, 512, generator=g)
+    assert cka(X, Z).item() > 0.5
+    assert abs(cka(X, Z, debiased=True).item()) < 0.1
+    assert cka(X, noisy, debiased=True).item() > 0.5
+    assert cka(X, X, debiased=True).item() == pytest.approx(1.0, abs=1e-10)
+
+
+def test_debiased_linear_cka_matches_kornblith_feature_formula():
+    # Kornblith et al.'s feature-space debiased linear CKA (independent implementation of the estimator)
+    g = _gen(15)
+    n = 40
+    X = torch.randn(n, 10, generator=g, dtype=torch.float64)
+    Y = X[:, :6] ** 2 + torch.randn(n, 6, generator=g, dtype=torch.float64)
+
+    def hsic_u(xc, yc):  # unbiased HSIC of linear kernels, Song et al. 2012 eq. (5)
+        K, L = xc @ xc.T, yc @ yc.T
+        K = K - torch.diag(K.diagonal())
+        L = L - torch.diag(L.diagonal())
+        one = torch.ones(n, dtype=torch.float64)
+        return ((K * L).sum() + (one @ K @ one) * (one @ L @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * (one @ K @ L @ one)) / (n * (n - 3))
+
+    xc, yc = X - X.mean(0), Y - Y.mean(0)
+    ref = hsic_u(xc, yc) / (hsic_u(xc, xc) * hsic_u(yc, yc)).sqrt()
+    assert linear_cka(X, Y, debiased=True).item() == pytest.approx(ref.item(), abs=1e-10)
 
 
 def test_linear_cka_gram_and_feature_routes_agree():
@@ -135,13 +169,14 @@ def test_cka_batched_and_matrix():
     states = [base + k * 0.7 * torch.randn(n, 16, generator=g) for k in range(S)]
     states.append(torch.randn(n, 8, generator=g))  # a different width is allowed in the list form
     for kind, fn in (("rbf", rbf_cka), ("linear", linear_cka)):
-        M = cka_matrix(states, kind=kind)
-        assert M.shape == (S + 1, S + 1)
-        assert torch.allclose(M, M.T)
-        assert torch.allclose(M.diagonal(), torch.ones(S + 1, dtype=torch.float64), atol=1e-12)
-        for i in range(S + 1):
-            for j in range(S + 1):
-                assert M[i, j].item() == pytest.approx(fn(states[i], states[j]).item(), abs=1e-10)
+        for deb in (False, True):
+            M = cka_matrix(states, kind=kind, debiased=deb)
+            assert M.shape == (S + 1, S + 1)
+            assert torch.allclose(M, M.T)
+            assert torch.allclose(M.diagonal(), torch.ones(S + 1, dtype=torch.float64), atol=1e-12)
+            for i in range(S + 1):
+                for j in range(S + 1):
+                    assert M[i, j].item() == pytest.approx(fn(states[i], states[j], debiased=deb).item(), abs=1e-10)
     # tensor form with a leading batch dim, and batched pairwise CKA
     T = torch.stack(states[:S])  # [S, n, d]
     TB = torch.stack([T, T.flip(0)])  # [2, S, n, d]

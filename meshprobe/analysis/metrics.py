@@ -8,8 +8,9 @@ float64 tensors on the input's device.
 Choices the paper leaves open, and what this module does:
 
 * ``relative_update``: Frobenius norms over the whole ``[seq, d]`` matrix of one sample, one number per sample.
-* CKA: tokens of one sample are the examples; the plain (biased) HSIC estimator of Kornblith et al. 2019 on
-  centered Gram matrices (not the debiased one).
+* CKA: tokens of one sample are the examples; by default the plain (biased) HSIC estimator of Kornblith et
+  al. 2019 on centered Gram matrices, as is usual; ``debiased=True`` everywhere switches to the unbiased HSIC
+  (recommended as a check: with 256 tokens and d >= 256 the biased CKA of unrelated states is far from 0).
 * RBF bandwidth: ``sigma = sigma_frac * median pairwise Euclidean distance``, computed separately for each
   matrix, over the distinct pairs ``i < j`` (Kornblith et al.'s reference code takes the median of the full
   ``n x n`` squared-distance matrix including the zero diagonal; for ``n = 256`` tokens the difference is
@@ -130,34 +131,55 @@ def gram_rbf(X: Tensor, sigma_frac: float = 0.5) -> Tensor:
     return torch.exp(-d2 / (2.0 * sigma2[..., None, None]))
 
 
-def center_gram(K: Tensor) -> Tensor:
-    """Double-centered Gram matrix ``H K H`` with ``H = I - 11^T/n`` ([..., n, n])."""
+def center_gram(K: Tensor, debiased: bool = False) -> Tensor:
+    """Double-centered Gram matrix ``H K H`` with ``H = I - 11^T/n`` ([..., n, n]).
+
+    ``debiased=True``: the U-statistic centering of Kornblith et al.'s reference code (diagonal zeroed,
+    column means taken over ``n - 2``), whose inner products give the unbiased HSIC of Song et al. 2012 (up to a
+    constant). Needs ``n >= 4``.
+    """
     K = _f64(K)
-    return K - K.mean(-1, keepdim=True) - K.mean(-2, keepdim=True) + K.mean((-1, -2), keepdim=True)
+    if not debiased:
+        return K - K.mean(-1, keepdim=True) - K.mean(-2, keepdim=True) + K.mean((-1, -2), keepdim=True)
+    n = K.shape[-1]
+    if n < 4:
+        raise ValueError("debiased CKA needs at least 4 examples")
+    off = 1.0 - torch.eye(n, dtype=_F64, device=K.device)
+    K = K * off
+    means = K.sum(-2) / (n - 2)
+    means = means - means.sum(-1, keepdim=True) / (2 * (n - 1))
+    return (K - means.unsqueeze(-1) - means.unsqueeze(-2)) * off
 
 
-def cka_from_grams(K: Tensor, L: Tensor) -> Tensor:
+def cka_from_grams(K: Tensor, L: Tensor, debiased: bool = False) -> Tensor:
     """CKA from two (uncentered) Gram matrices: ``<HKH, HLH>_F / (||HKH||_F ||HLH||_F)`` ([..., n, n] -> [...]).
 
-    This is the biased-HSIC CKA of Kornblith et al. 2019; NaN if either centered Gram matrix is zero.
+    Default: the plain (biased) HSIC estimator of Kornblith et al. 2019, the usual choice. Its value for
+    *unrelated* representations is far from 0 when the Gram matrices are dominated by their diagonal (few
+    examples relative to the dimension, or a narrow RBF kernel: e.g. ~0.8 linear / ~0.98 RBF for independent
+    Gaussian [256, 1024] matrices). ``debiased=True`` uses the unbiased HSIC, which removes that floor (values
+    near 0 for independent data; can be slightly negative). NaN if either centered Gram matrix is zero.
     """
-    Kc, Lc = center_gram(K), center_gram(L)
+    Kc, Lc = center_gram(K, debiased), center_gram(L, debiased)
     num = (Kc * Lc).sum((-1, -2))
     den = torch.linalg.matrix_norm(Kc) * torch.linalg.matrix_norm(Lc)
     return num / torch.where(den > 0, den, torch.full_like(den, float("nan")))
 
 
-def linear_cka(X: Tensor, Y: Tensor) -> Tensor:
+def linear_cka(X: Tensor, Y: Tensor, debiased: bool = False) -> Tensor:
     """Linear CKA ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centered ``Xc, Yc``.
 
     ``X`` [..., n, d1], ``Y`` [..., n, d2] (rows = examples, e.g. tokens of one sample) -> [...] in [0, 1].
     Evaluated in feature space or via ``n x n`` Gram matrices, whichever is cheaper (identical value).
     Invariant to orthogonal transforms and isotropic scaling of either argument. NaN if a centered input is 0.
+    ``debiased=True``: unbiased-HSIC version (see ``cka_from_grams``), computed from Gram matrices.
     """
     _check_matrix("X", X)
     _check_matrix("Y", Y)
     if X.shape[-2] != Y.shape[-2]:
         raise ValueError(f"X and Y need the same number of rows, got {X.shape[-2]} and {Y.shape[-2]}")
+    if debiased:
+        return cka_from_grams(gram_linear(X), gram_linear(Y), debiased=True)
     xc, yc = _center_columns(_f64(X)), _center_columns(_f64(Y))
     n, d1, d2 = xc.shape[-2], xc.shape[-1], yc.shape[-1]
     if n * (d1 + d2) < d1 * d2 + d1 * d1 + d2 * d2:  # Gram route is cheaper
@@ -172,23 +194,25 @@ def linear_cka(X: Tensor, Y: Tensor) -> Tensor:
     return num / torch.where(den > 0, den, torch.full_like(den, float("nan")))
 
 
-def rbf_cka(X: Tensor, Y: Tensor, sigma_frac: float = 0.5) -> Tensor:
+def rbf_cka(X: Tensor, Y: Tensor, sigma_frac: float = 0.5, debiased: bool = False) -> Tensor:
     """RBF-kernel CKA (Kornblith et al. 2019): ``cka_from_grams(gram_rbf(X), gram_rbf(Y))``.
 
     ``X`` [..., n, d1], ``Y`` [..., n, d2] -> [...]. Bandwidth per matrix: ``sigma_frac`` x median pairwise
-    Euclidean distance (see ``gram_rbf``). ``rbf_cka(X, X) == 1``.
+    Euclidean distance (see ``gram_rbf``). ``rbf_cka(X, X) == 1``. ``debiased``: see ``cka_from_grams``.
     """
     if X.shape[-2] != Y.shape[-2]:
         raise ValueError(f"X and Y need the same number of rows, got {X.shape[-2]} and {Y.shape[-2]}")
-    return cka_from_grams(gram_rbf(X, sigma_frac), gram_rbf(Y, sigma_frac))
+    return cka_from_grams(gram_rbf(X, sigma_frac), gram_rbf(Y, sigma_frac), debiased)
 
 
-def cka_matrix(states: Sequence[Tensor] | Tensor, kind: str = "rbf", sigma_frac: float = 0.5) -> Tensor:
+def cka_matrix(states: Sequence[Tensor] | Tensor, kind: str = "rbf", sigma_frac: float = 0.5,
+               debiased: bool = False) -> Tensor:
     """Pairwise CKA between all states of one sample: ``S`` matrices [n, d_s] -> symmetric [S, S] (float64).
 
     ``states`` is a list of [n, d_s] tensors (widths may differ) or a tensor [..., S, n, d] (leading batch dims
     give [..., S, S]). Each state's centered Gram matrix is built once and normalized; the matrix is then one
-    product ``F F^T`` of the flattened Grams (memory ``S n^2`` float64 per sample). ``kind``: "rbf" or "linear".
+    product ``F F^T`` of the flattened Grams (memory ``S n^2`` float64 per sample). ``kind``: "rbf" or "linear";
+    ``debiased``: see ``cka_from_grams``.
     """
     if kind not in ("rbf", "linear"):
         raise ValueError(f"kind must be 'rbf' or 'linear', got {kind!r}")
@@ -199,7 +223,7 @@ def cka_matrix(states: Sequence[Tensor] | Tensor, kind: str = "rbf", sigma_frac:
     if isinstance(states, Tensor):
         if states.ndim < 3:
             raise ValueError(f"states tensor must be [..., S, n, d], got {tuple(states.shape)}")
-        G = center_gram(gram(states))  # [..., S, n, n]
+        G = center_gram(gram(states), debiased)  # [..., S, n, n]
     else:
         states = list(states)
         if not states:
@@ -207,7 +231,7 @@ def cka_matrix(states: Sequence[Tensor] | Tensor, kind: str = "rbf", sigma_frac:
         n = states[0].shape[-2]
         if any(s.ndim != 2 or s.shape[0] != n for s in states):
             raise ValueError("every state must be [n, d] with the same n")
-        G = torch.stack([center_gram(gram(s)) for s in states])  # [S, n, n]
+        G = torch.stack([center_gram(gram(s), debiased) for s in states])  # [S, n, n]
     F = G.flatten(-2)
     norms = F.norm(dim=-1, keepdim=True)
     F = F / torch.where(norms > 0, norms, torch.full_like(norms, float("nan")))
@@ -256,9 +280,10 @@ def effective_rank(X: Tensor, center: bool = False) -> Tensor:
     """
     s = _svdvals(X, center)
     tot = s.sum(-1, keepdim=True)
-    p = s / torch.where(tot > 0, tot, torch.full_like(tot, float("nan")))
+    p = s / torch.where(tot > 0, tot, torch.ones_like(tot))
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
-    return torch.exp(-plogp.sum(-1))
+    er = torch.exp(-plogp.sum(-1))
+    return torch.where(tot.squeeze(-1) > 0, er, torch.full_like(er, float("nan")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
