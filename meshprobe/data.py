@@ -69,7 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "VAL_FRACTION", "MIN_DOCS_FOR_DOC_SPLIT", "LINUX_DOC_MAX_BYTES", "FORTUNES_PER_DOC", "WORDNET_SYNSETS_PER_DOC",
     "EOT_TOKEN", "EOT_ID", "DEFAULT_VOCAB_SIZE",
-    "Source", "SOURCES", "get_source", "list_sources", "missing_sources",
+    "Source", "SOURCES", "get_source", "list_sources", "missing_sources", "html_to_text", "PathSource",
     "Corpus", "open_corpus", "load_corpus", "pack",
     "train_tokenizer", "save_tokenizer", "load_tokenizer", "encode_documents", "cached_tokenizer",
     "default_cache_dir", "tokenize_corpus", "get_batch", "eval_batches", "sample_sequences",

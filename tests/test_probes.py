@@ -57,7 +57,8 @@ def test_probe_agrees_with_sklearn_ridge_classifier(l2):
     g = _gen(2)
     n, d, C = 1500, 24, 7
     X, y = _planted(n, d, C, g, noise=4.0)  # noisy enough that the ridge strength matters
-    Xs = torch.from_numpy(StandardScaler().fit_transform(X.double().numpy()))
+    # standardized with the training rows' statistics, so the probe's own standardization is the identity
+    Xs = torch.from_numpy(StandardScaler().fit(X[:1000].double().numpy()).transform(X.double().numpy()))
     p = StreamingRidgeProbe(d, C, l2=l2)
     for i in range(0, 1000, 137):
         p.partial_fit(Xs[i:min(i + 137, 1000)], y[i:min(i + 137, 1000)])
@@ -135,6 +136,11 @@ def test_control_labels_deterministic_function_of_type():
     frac = torch.bincount(many, minlength=8).double() / 20000
     assert (frac - 1 / 8).abs().max() < 0.01  # ~uniform over the label set
     assert not torch.equal(many, control_labels(torch.arange(20000), 8, seed=1))
+    # drawn from a given label distribution (Hewitt & Liang: the real task's empirical distribution)
+    probs = torch.tensor([0.6, 0.0, 0.3, 0.1])
+    skew = control_labels(torch.arange(20000), 4, seed=0, probs=probs)
+    frac = torch.bincount(skew, minlength=4).double() / 20000
+    assert (frac - probs.double()).abs().max() < 0.015 and frac[1] == 0
 
 
 def test_token_label_map_and_tasks():
@@ -154,9 +160,11 @@ def test_token_label_map_and_tasks():
     assert torch.equal(labs["next"], small(tok[3:8]))
     for t in TOKEN_TASKS:
         # "current" control: function of the probed token's type, one map per task
-        assert torch.equal(labs[t + "/control"], control_labels(tok[2:7], 6, 0, salt=t))
+        assert torch.equal(labs[t + "/control"], control_labels(tok[2:7], 6, 0, salt=t, probs=small.class_probs))
     _, labt = token_task_labels(tok, small, control_source="target")
-    assert torch.equal(labt["next/control"], control_labels(tok[3:8], 6, 0, salt="next"))
+    assert torch.equal(labt["next/control"], control_labels(tok[3:8], 6, 0, salt="next", probs=small.class_probs))
+    # class distribution implied by the counts (OTHER = ids 5 and the unseen ones)
+    assert torch.allclose(lm.class_probs, torch.tensor([50, 30, 30, 11], dtype=torch.float64) / 121)
     assert token_task_rows(3).numel() == 0
 
 

@@ -31,9 +31,11 @@ Design (every choice the brief left open):
   where t-2 and t+1 exist), so they share one Gram matrix; sequences shorter than 4 tokens are skipped.
 * **Split**: by sequence. A sequence is a test sequence iff ``hash(split_seed, seq_id) < test_fraction``
   (deterministic, order-independent), unless the caller passes ``split="train"|"test"``.
-* **Control tasks** (Hewitt & Liang 2019): each token *type* (raw token id) is mapped to a label drawn
-  uniformly from the task's label set ``[0, C)`` by a fixed seeded hash (splitmix64), so control labels are a
-  deterministic function of the word type with no linguistic structure. As in Hewitt & Liang, the type is the
+* **Control tasks** (Hewitt & Liang 2019): each token *type* (raw token id) is mapped to a label drawn from
+  the task's label set ``[0, C)`` by a fixed seeded hash (splitmix64), so control labels are a deterministic
+  function of the word type with no linguistic structure. As in Hewitt & Liang the label is drawn from the
+  real task's label distribution (``TokenLabelMap.class_probs``, known from the frequency count, OTHER
+  included), so both tasks have similar majority baselines; uniform if the map has no counts. As in Hewitt & Liang, the type is the
   one at the probed position (``control_source="current"``: x_t, i.e. "how much can the probe memorize from
   the current token's identity"); ``control_source="target"`` uses the task's own target token x_{t+offset}.
   Each task has its own map (seed derived from ``control_seed`` and the task name). The loop-index control maps
@@ -108,19 +110,30 @@ def _unit_hash(i: int, seed: int, salt: str) -> float:
     return float(_hash_ids(np.array([i]), seed, salt)[0] >> np.uint64(11)) / float(1 << 53)
 
 
-def control_labels(types: Tensor, n_classes: int, seed: int = 0, salt: str = "") -> Tensor:
-    """Hewitt & Liang (2019) control labels: a fixed random map ``type -> uniform label in [0, n_classes)``.
+def control_labels(types: Tensor, n_classes: int, seed: int = 0, salt: str = "",
+                   probs: Tensor | None = None) -> Tensor:
+    """Hewitt & Liang (2019) control labels: a fixed random map ``type -> label in [0, n_classes)``.
 
-    ``types`` are raw token ids (word types), any shape; the map is a seeded splitmix64 hash, so it needs no
-    vocabulary size and gives the same label for the same (type, seed, salt) in every batch, process and
-    machine. Returns a LongTensor of the same shape on the same device.
+    ``types`` are raw token ids (word types), any shape. Each type's label is drawn once from ``probs`` (the
+    real task's label distribution, as Hewitt & Liang sample from the empirical label distribution; uniform if
+    ``None``) by inverse-CDF of a seeded splitmix64 hash of the type. The map needs no vocabulary size and
+    gives the same label for the same (type, seed, salt, probs) in every batch, process and machine.
+    Returns a LongTensor of the same shape on the same device.
     """
     if n_classes < 1:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
     t = torch.as_tensor(types)
-    h = _hash_ids(t.detach().cpu().numpy(), seed, "control:" + salt)
-    lab = (h % np.uint64(n_classes)).astype(np.int64)
-    return torch.from_numpy(lab).to(t.device)
+    h = _hash_ids(t.detach().cpu().numpy().reshape(-1), seed, "control:" + salt)
+    if probs is None:
+        lab = (h % np.uint64(n_classes)).astype(np.int64)
+    else:
+        pr = torch.as_tensor(probs, dtype=_F64).cpu().numpy().reshape(-1)
+        if pr.shape[0] != n_classes or (pr < 0).any() or pr.sum() <= 0:
+            raise ValueError(f"probs must be {n_classes} non-negative numbers with a positive sum")
+        cdf = np.cumsum(pr) / pr.sum()
+        u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        lab = np.minimum(np.searchsorted(cdf, u, side="right"), n_classes - 1).astype(np.int64)
+    return torch.from_numpy(lab).reshape(t.shape).to(t.device)
 
 
 def chance_accuracy(train_label_counts: Tensor, test_label_counts: Tensor | None = None) -> float:
@@ -210,7 +223,7 @@ class MultiTaskRidgeProbe:
         self._s1 += x.sum(0)
         self._s2 += x.T @ x
         for k, y in ys.items():
-            self._csum[k].index_add_(0, y, x)
+            self._csum[k].scatter_add_(0, y[:, None].expand(-1, self.d), x)  # index_add_ is slow with repeats
             self._ccnt[k] += torch.bincount(y, minlength=self.n_classes[k]).to(self.dtype)
         return self
 
@@ -353,10 +366,12 @@ class TokenLabelMap:
     table (>= V) map to OTHER.
     """
 
-    def __init__(self, table: Tensor, n_classes: int, other: int | None):
+    def __init__(self, table: Tensor, n_classes: int, other: int | None, class_probs: Tensor | None = None):
         self.table = torch.as_tensor(table).long().cpu()
         self.n_classes = int(n_classes)
         self.other = other
+        #: label distribution implied by the frequency count (None = unknown -> uniform control labels)
+        self.class_probs = None if class_probs is None else torch.as_tensor(class_probs, dtype=_F64).cpu()
         self._dev_tables: dict[torch.device, Tensor] = {}
 
     @classmethod
@@ -370,7 +385,9 @@ class TokenLabelMap:
         other = k
         table = torch.full((counts.shape[0],), other, dtype=torch.long)
         table[order] = torch.arange(k)
-        return cls(table, k + 1, other)
+        cls_counts = torch.zeros(k + 1, dtype=_F64).index_add_(0, table, counts)
+        probs = cls_counts / cls_counts.sum() if cls_counts.sum() > 0 else None
+        return cls(table, k + 1, other, probs)
 
     @classmethod
     def from_tokens(cls, token_batches: Iterable[Tensor] | Tensor, vocab_size: int,
@@ -415,8 +432,8 @@ def token_task_labels(token_ids: Tensor, label_map: TokenLabelMap, offsets: Mapp
 
     Returns ``(rows, labels)``: ``rows`` = common positions (``token_task_rows``); ``labels[task]`` =
     ``label_map(token_ids[rows + offset])``, and with ``control=True`` also ``labels[task + "/control"]`` =
-    ``control_labels(types, C, control_seed, salt=task)`` with ``types = token_ids[rows]`` (``"current"``, Hewitt &
-    Liang) or ``token_ids[rows + offset]`` (``"target"``).
+    ``control_labels(types, C, control_seed, salt=task, probs=label_map.class_probs)`` with
+    ``types = token_ids[rows]`` (``"current"``, Hewitt & Liang) or ``token_ids[rows + offset]`` (``"target"``).
     """
     if control_source not in ("current", "target"):
         raise ValueError(f"control_source must be 'current' or 'target', got {control_source!r}")
@@ -429,7 +446,7 @@ def token_task_labels(token_ids: Tensor, label_map: TokenLabelMap, offsets: Mapp
         out[name] = label_map(tgt)
         if control:
             types = tok[rows] if control_source == "current" else tgt
-            out[name + CONTROL_SUFFIX] = control_labels(types, C, control_seed, salt=name)
+            out[name + CONTROL_SUFFIX] = control_labels(types, C, control_seed, salt=name, probs=label_map.class_probs)
     return rows, out
 
 
