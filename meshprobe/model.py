@@ -317,6 +317,14 @@ class MeshprobeModel(HookedRootModule):
             out = out + h_emb
         return out
 
+    def readout(self, h: torch.Tensor, through_coda: bool = False) -> torch.Tensor:
+        """Logits from an intermediate state h [batch, seq, d] (a "lens"): final LayerNorm + unembedding,
+        optionally after running the coda first. Uses hook-free call sites, so no model hook fires."""
+        if through_coda and not self.cfg.is_vanilla:
+            idle = [LayerHooks().to(h.device) for _ in range(self.cfg.coda_layers)]
+            h = self.coda(h, self.rotary_cos, self.rotary_sin, idle)
+        return self.unembed(self.ln_final(h))
+
     # --- introspection -----------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
         """total, non_embedding (everything but embed and unembed, final LN included, tied weights once),

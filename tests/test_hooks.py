@@ -115,3 +115,16 @@ def test_activation_cache_helpers_see_unrolled_depth():
     _, cache = model.run_with_cache(tokens_for(cfg), names_filter=lambda n: "resid" in n)
     stacked = cache.stack_activation("resid_post")
     assert stacked.shape[0] == cfg.unrolled_depth == 8
+
+
+def test_readout_through_coda_reproduces_logits_and_fires_no_hook():
+    cfg = tiny_cfg(layout="1+2R3+1", variant="anchor")
+    model = build_model(cfg).eval()
+    tokens = tokens_for(cfg)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        fired = []
+        with model.hooks(fwd_hooks=[(lambda n: True, lambda x, hook: fired.append(hook.name))]):
+            lens = model.readout(cache["loop.2.hook_state_out"], through_coda=True)
+    torch.testing.assert_close(lens, logits)
+    assert fired == []
