@@ -158,11 +158,14 @@ def test_token_label_map_and_tasks():
     assert torch.equal(labs["prev1"], small(tok[1:6]))
     assert torch.equal(labs["prev2"], small(tok[0:5]))
     assert torch.equal(labs["next"], small(tok[3:8]))
-    for t in TOKEN_TASKS:
-        # "current" control: function of the probed token's type, one map per task
-        assert torch.equal(labs[t + "/control"], control_labels(tok[2:7], 6, 0, salt=t, probs=small.class_probs))
-    _, labt = token_task_labels(tok, small, control_source="target")
-    assert torch.equal(labt["next/control"], control_labels(tok[3:8], 6, 0, salt="next", probs=small.class_probs))
+    for t, off in TOKEN_TASKS.items():
+        # default "target" control: function of the target token's type, one map per task
+        ref = control_labels(tok[2 + off:7 + off], 6, 0, salt=t, probs=small.class_probs)
+        assert torch.equal(labs[t + "/control"], ref)
+    _, labc = token_task_labels(tok, small, control_source="current")
+    assert torch.equal(labc["next/control"], control_labels(tok[2:7], 6, 0, salt="next", probs=small.class_probs))
+    with pytest.raises(ValueError):
+        token_task_labels(tok, small, control_source="other")
     # class distribution implied by the counts (OTHER = ids 5 and the unseen ones)
     assert torch.allclose(lm.class_probs, torch.tensor([50, 30, 30, 11], dtype=torch.float64) / 121)
     assert token_task_rows(3).numel() == 0
@@ -223,10 +226,12 @@ def test_probe_suite_end_to_end(toy):
     assert e["next"]["acc"] < e["next"]["chance"] + 0.1
     for task in TOKEN_TASKS:  # random features: at chance, and selectivity near 0
         assert z[task]["acc"] < z[task]["chance"] + 0.08
-        assert abs(z[task]["selectivity"]) < 0.1
+        assert z[task]["control_acc"] < z[task]["control_chance"] + 0.08
         assert z[task]["selectivity"] == pytest.approx(z[task]["acc"] - z[task]["control_acc"])
-    # controls: the current token type determines the control label, so "emb" memorizes them well
-    assert e["current"]["control_acc"] > 0.9
+        assert abs(z[task]["selectivity_vs_chance"]) < 0.06
+    # controls (random map of the target type): need the same information as the real task
+    assert e["current"]["control_acc"] > 0.9 and m["prev1"]["control_acc"] > 0.9
+    assert e["prev1"]["control_acc"] < e["prev1"]["control_chance"] + 0.1
     assert res["loops"]["loop_index"]["acc"] > 0.95 and res["loops"]["loop_index"]["chance"] < 0.4
     assert res["loops"]["loop_index"]["n_train"] == 3 * res["emb"]["current"]["n_train"]
     n_test_rows = sum(len(t) - 3 for i, (t, _) in enumerate(data) if suite.is_test(i))
@@ -261,8 +266,8 @@ def test_probe_suite_memory_does_not_grow(toy):
     suite = ProbeSuite(lm, loop_states={"h0": 0, "h1": 1, "h2": 2}, test_cap_tokens=200)
     sizes = []
     for rep in range(3):
-        for i, (tok, st) in enumerate(data):
-            suite.update(tok, st, seq_id=rep * len(data) + i)
+        for i, (tok, st) in enumerate(data[:30]):
+            suite.update(tok, st, seq_id=rep * 30 + i)
         sizes.append(suite.nbytes)
     assert sizes[0] == sizes[1] == sizes[2]
 
@@ -285,3 +290,14 @@ def test_probe_suite_split_and_errors(toy):
     assert not suite.evaluate(tok, st, seq_id=0, split="train")
     r = suite.results()
     assert math.isnan(r["emb"]["current"]["acc"])  # no test data at all
+
+
+def test_probe_suite_loop_only_and_no_control(toy):
+    data, lm = toy
+    suite = ProbeSuite(lm, tasks={}, loop_states={"h0": 0, "h1": 1, "h2": 2}, control=False)
+    for i, (tok, st) in enumerate(data[:40]):
+        suite.update(tok, st, seq_id=i)
+    res = suite.results()
+    assert set(res) == {"loops"}
+    r = res["loops"]["loop_index"]
+    assert r["acc"] > 0.95 and math.isnan(r["control_acc"]) and math.isnan(r["selectivity"])

@@ -45,8 +45,9 @@ _F64 = torch.float64
 
 
 def _f64(x) -> Tensor:
-    x = torch.as_tensor(x)
-    return x.to(_F64) if x.dtype != _F64 else x
+    if not isinstance(x, Tensor):
+        return torch.as_tensor(x, dtype=_F64)  # Python floats: no detour through float32
+    return x.detach().to(_F64) if x.dtype != _F64 else x.detach()
 
 
 def _check_matrix(name: str, x: Tensor) -> None:

@@ -35,13 +35,19 @@ Design (every choice the brief left open):
   the task's label set ``[0, C)`` by a fixed seeded hash (splitmix64), so control labels are a deterministic
   function of the word type with no linguistic structure. As in Hewitt & Liang the label is drawn from the
   real task's label distribution (``TokenLabelMap.class_probs``, known from the frequency count, OTHER
-  included), so both tasks have similar majority baselines; uniform if the map has no counts. As in Hewitt & Liang, the type is the
-  one at the probed position (``control_source="current"``: x_t, i.e. "how much can the probe memorize from
-  the current token's identity"); ``control_source="target"`` uses the task's own target token x_{t+offset}.
+  included), so both tasks have similar majority baselines; uniform if the map has no counts.
+  Which word type: by default (``control_source="target"``) the token whose identity the task asks for,
+  x_{t+offset} — the control replaces the task's structured type->label map (top-C ids + OTHER) by a random
+  one over the same types, so real and control need the same information. ``control_source="current"`` uses
+  the probed position's own token x_t for every task (Hewitt & Liang's literal "word at the probed
+  position"): it measures how much the probe can memorize from the current token's identity, which nearly
+  every state carries, so for prev/next tasks it mostly just shifts ``acc`` by a constant.
   Each task has its own map (seed derived from ``control_seed`` and the task name). The loop-index control maps
   the current token type to ``[0, K)``. ``selectivity = acc - control_acc``.
 * **Chance**: majority-class baseline — the test accuracy of always predicting the most frequent training
-  label.
+  label. Because control labels are drawn per type, the control task's majority baseline differs from the real
+  task's by a random amount; ``selectivity_vs_chance = (acc - chance) - (control_acc - control_chance)``
+  is reported next to the plain ``selectivity``.
 * **Test data**: either (a) a second streaming pass ``ProbeSuite.evaluate`` after ``finalize`` (exact,
   constant memory: only correct/total counts), or (b) when no second pass is made, a capped sample of test
   sequences kept in pass 1: sequences are kept by smallest ``hash(split_seed, seq_id)`` priority while the
@@ -56,7 +62,7 @@ from __future__ import annotations
 
 import bisect
 import zlib
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -80,7 +86,6 @@ CONTROL_SUFFIX = "/control"
 LOOP_TASK = "loop_index"
 
 _F64 = torch.float64
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,14 +431,14 @@ def token_task_rows(n: int, offsets: Mapping[str, int] = TOKEN_TASKS) -> Tensor:
 
 
 def token_task_labels(token_ids: Tensor, label_map: TokenLabelMap, offsets: Mapping[str, int] = TOKEN_TASKS,
-                      *, control: bool = True, control_seed: int = 0, control_source: str = "current"
+                      *, control: bool = True, control_seed: int = 0, control_source: str = "target"
                       ) -> tuple[Tensor, dict[str, Tensor]]:
     """Build the token tasks of one sequence ``token_ids`` [n].
 
     Returns ``(rows, labels)``: ``rows`` = common positions (``token_task_rows``); ``labels[task]`` =
     ``label_map(token_ids[rows + offset])``, and with ``control=True`` also ``labels[task + "/control"]`` =
     ``control_labels(types, C, control_seed, salt=task, probs=label_map.class_probs)`` with
-    ``types = token_ids[rows]`` (``"current"``, Hewitt & Liang) or ``token_ids[rows + offset]`` (``"target"``).
+    ``types = token_ids[rows + offset]`` (``"target"``, default) or ``token_ids[rows]`` (``"current"``).
     """
     if control_source not in ("current", "target"):
         raise ValueError(f"control_source must be 'current' or 'target', got {control_source!r}")
@@ -468,12 +473,13 @@ class ProbeSuite:
     (results key ``loop_key``) is trained on the rows of all those states pooled, task ``"loop_index"``
     (K = max index + 1 classes), control = random map of the current token type to ``[0, K)``.
     Result fields: ``acc``, ``control_acc``, ``selectivity = acc - control_acc``, ``chance`` and
-    ``control_chance`` (majority-class baselines on the test rows), ``n_train``, ``n_test`` (rows).
+    ``control_chance`` (majority-class baselines on the test rows), ``selectivity_vs_chance``, ``n_train``,
+    ``n_test`` (rows); see ``results``.
     """
 
     def __init__(self, label_map: TokenLabelMap, *, tasks: Mapping[str, int] = TOKEN_TASKS,
                  loop_states: Mapping[str, int] | None = None, loop_key: str = "loops", l2: float = 1e-2,
-                 control: bool = True, control_seed: int = 0, control_source: str = "current",
+                 control: bool = True, control_seed: int = 0, control_source: str = "target",
                  test_fraction: float = 0.2, split_seed: int = 0, test_cap_tokens: int = 8192,
                  dtype: torch.dtype = _F64, device: torch.device | str | None = None):
         if not 0.0 < test_fraction < 1.0:
@@ -576,7 +582,7 @@ class ProbeSuite:
             self.n_train_seqs += 1
             rows, labels, loop_ctrl = self._labels(tok)
             classes = self._task_classes()
-            for name, h in states.items():
+            for name, h in (states.items() if classes else ()):  # tasks={} -> loop-index probe only
                 r = rows.to(h.device)
                 self._probe(name, h.shape[1], classes).partial_fit(h[r], labels)
             for name, t in self.loop_states.items():
@@ -661,8 +667,13 @@ class ProbeSuite:
 
     # -- results -------------------------------------------------------------------------------------------------
     def results(self) -> dict[str, dict[str, dict[str, float]]]:
-        """``{state: {task: {"acc", "control_acc", "selectivity", "chance", "control_chance", "n_train",
-        "n_test"}}}`` (control fields NaN when ``control=False``)."""
+        """``{state: {task: {"acc", "control_acc", "selectivity", "chance", "control_chance",
+        "selectivity_vs_chance", "n_train", "n_test"}}}`` (control fields NaN when ``control=False``).
+
+        ``selectivity = acc - control_acc`` (Hewitt & Liang); ``selectivity_vs_chance = (acc - chance) -
+        (control_acc - control_chance)`` also removes the gap between the two majority baselines (the control
+        labels are drawn per *type*, so their majority fraction differs from the real task's by a random
+        amount, large for small vocabularies). ``n_train`` / ``n_test`` count rows."""
         if not self._finalized:
             self.finalize()
         counts = self._eval
@@ -688,8 +699,9 @@ class ProbeSuite:
                 cacc = cc[0] / cc[1] if cc and cc[1] else nan
                 cchance = cc[2] / cc[1] if cc and cc[1] else nan
                 out[key][task] = {"acc": acc, "control_acc": cacc, "selectivity": acc - cacc, "chance": chance,
-                                  "control_chance": cchance, "n_train": float(p.class_counts(task).sum()),
-                                  "n_test": c[1]}
+                                  "control_chance": cchance,
+                                  "selectivity_vs_chance": (acc - chance) - (cacc - cchance),
+                                  "n_train": float(p.class_counts(task).sum()), "n_test": c[1]}
         return out
 
     @property

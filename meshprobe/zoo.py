@@ -1,0 +1,207 @@
+"""The checkpoint zoo: train a family of matched-compute models from one spec, collect their numbers, bundle.
+
+A zoo spec is a TOML file (presets in meshprobe/configs/zoo-*.toml):
+
+    description = "..."
+    preset = "cpu-zoo"            # training preset every run starts from ([model] + [train])
+    [overrides]                   # applied to every run (e.g. data = "mix", steps = 400)
+    [[run]]                       # one entry per model; expanded over `seeds`
+    name = "loop3-base"           # run directory: <out>/<name>-s<seed>
+    group = "loop3"               # family / table the run belongs to (free text)
+    seeds = [0, 1, 2]
+    layout = "1+2R3+1"            # any other key: a model or train override for this run
+    variant = "base"
+    [bundle]
+    runs = ["loop3-vanilla", ...] # seed-0 runs copied (fp16, no optimizer state) into checkpoints/
+    samples = 500                 # validation token sample shipped beside them
+    seq_len = 128
+
+All runs of a zoo share one tokenizer (trained once on the zoo's data), so their validation tokens, losses
+and analyses are directly comparable. Training resumes where a run stopped; finished runs are skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshprobe.errors import UserError
+
+RESULTS_FILE = "results.json"
+MANIFEST_FILE = "zoo.json"
+VAL_TOKENS_FILE = "val_tokens.npy"
+
+
+@dataclass
+class ZooRun:
+    name: str
+    group: str
+    seed: int
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-s{self.seed}"
+
+
+@dataclass
+class ZooSpec:
+    path: Path
+    description: str
+    preset: str
+    overrides: dict
+    runs: list[ZooRun]
+    bundle_runs: list[str]
+    bundle_samples: int
+    bundle_seq_len: int
+
+
+def resolve_zoo(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = Path(__file__).parent / "configs" / f"{name_or_path}.toml"
+    if preset.is_file():
+        return preset
+    names = sorted(p.stem for p in preset.parent.glob("zoo-*.toml"))
+    raise UserError(f"zoo spec {name_or_path!r} not found; known: {', '.join(names)}")
+
+
+def load_zoo(name_or_path: str) -> ZooSpec:
+    path = resolve_zoo(name_or_path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(doc) - {"description", "preset", "overrides", "run", "bundle"})
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {unknown}")
+    runs = []
+    for entry in doc.get("run", []):
+        entry = dict(entry)
+        if "name" not in entry:
+            raise UserError(f"{path}: every [[run]] needs a name")
+        name, group, seeds = entry.pop("name"), entry.pop("group", ""), entry.pop("seeds", [0])
+        runs += [ZooRun(name, group, int(seed), entry) for seed in seeds]
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{path}: duplicate run names {sorted({i for i in ids if ids.count(i) > 1})}")
+    bundle = doc.get("bundle", {})
+    missing = [n for n in bundle.get("runs", []) if f"{n}-s0" not in ids]
+    if missing:
+        raise UserError(f"{path}: [bundle] names runs without a seed-0 entry: {missing}")
+    return ZooSpec(path, doc.get("description", ""), doc.get("preset", "cpu-zoo"), doc.get("overrides", {}), runs,
+                   bundle.get("runs", []), int(bundle.get("samples", 500)), int(bundle.get("seq_len", 128)))
+
+
+def run_configs(spec: ZooSpec, run: ZooRun, tokenizer: str | None = None):
+    """(ModelConfig, TrainConfig) of one run: preset, then zoo overrides, then the run's own keys."""
+    from meshprobe.train import load_config
+
+    overrides = {**spec.overrides, **run.overrides, "seed": run.seed}
+    if tokenizer:
+        overrides["tokenizer"] = tokenizer
+    return load_config(spec.preset, overrides)
+
+
+def shared_tokenizer(spec: ZooSpec, out: Path) -> Path:
+    """Train (or reuse) the zoo's one tokenizer and return the path of its tokenizer.json."""
+    from meshprobe.data import cached_tokenizer, open_corpus, save_tokenizer
+
+    model_cfg, train_cfg = run_configs(spec, spec.runs[0])
+    path = out / "tokenizer.json"
+    if not path.is_file():
+        corpus = open_corpus(train_cfg.data)
+        save_tokenizer(cached_tokenizer(corpus, vocab_size=model_cfg.vocab_size), path)
+    return path
+
+
+def train_zoo(spec: ZooSpec, out: str | os.PathLike, only: list[str] | None = None) -> list[dict]:
+    """Train every run of the spec (or those whose name or id is in `only`) and update the results file."""
+    from meshprobe.train import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in spec.runs if not only or r.name in only or r.run_id in only]
+    if not runs:
+        raise UserError(f"no zoo run matches {only}; runs: {sorted({r.name for r in spec.runs})}")
+    tokenizer = shared_tokenizer(spec, out)
+    for i, run in enumerate(runs, 1):
+        model_cfg, train_cfg = run_configs(spec, run, str(tokenizer))
+        print(f"[zoo {i}/{len(runs)}] {run.run_id}: {model_cfg.layout} {model_cfg.variant}", file=sys.stderr)
+        train(model_cfg, train_cfg, out / run.run_id, resume=True)
+    return collect_results(spec, out)
+
+
+def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
+    """Read every finished run's numbers from its checkpoint and write <out>/results.json."""
+    from meshprobe.checkpoint import read_checkpoint_config
+    from meshprobe.model import build_model
+
+    rows = []
+    for run in spec.runs:
+        path = out / run.run_id
+        if not (path / "config.json").is_file():
+            continue
+        config = read_checkpoint_config(path)
+        meta = config.get("metadata", {})
+        counts = build_model(config["model"], device="meta").parameter_counts()
+        rows.append({
+            "run": run.run_id, "name": run.name, "group": run.group, "seed": run.seed,
+            "layout": config["model"]["layout"], "variant": config["model"]["variant"],
+            "mesh_slots": config["model"]["mesh_slots"], "d_model": config["model"]["d_model"],
+            "non_embedding_params": counts["non_embedding"], "router_params": counts["router"],
+            **{k: meta.get(k) for k in ("step", "total_steps", "tokens_seen", "val_loss", "val_ppl",
+                                        "wall_time_s", "device", "status")},
+        })
+    write_json(out / RESULTS_FILE, {
+        "spec": str(spec.path.name), "description": spec.description,
+        "command": f"meshprobe zoo --spec {spec.path.stem} --out {out}", "runs": rows,
+    })
+    return rows
+
+
+def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") -> Path:
+    """Copy the bundle runs (seed 0) into `dest` in fp16 without optimizer state, with the shared validation
+    token sample, the results file and a manifest."""
+    import numpy as np
+    import torch
+
+    from meshprobe.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
+    from meshprobe.data import open_corpus, sample_sequences, tokenize_corpus
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name in spec.bundle_runs:
+        src = out / f"{name}-s0"
+        model = load_checkpoint(src)
+        meta = model.checkpoint_config.get("metadata", {})
+        files = {f: (src / f).read_bytes() for f in ("train_log.jsonl",) if (src / f).is_file()}
+        save_checkpoint(model, dest / name, tokenizer=load_tokenizer(src), files=files, dtype=torch.float16, **meta)
+        entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant})
+    first = load_checkpoint(out / f"{spec.bundle_runs[0]}-s0")
+    _, train_cfg = run_configs(spec, spec.runs[0])
+    val = tokenize_corpus(open_corpus(train_cfg.data, quiet=True), load_tokenizer(out / f"{spec.bundle_runs[0]}-s0"))["val"]
+    sample = sample_sequences(val, spec.bundle_samples, min(spec.bundle_seq_len, first.cfg.n_ctx), seed=0)
+    tmp = dest / f".{VAL_TOKENS_FILE}.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, sample.astype(np.uint16 if first.cfg.vocab_size <= 65535 else np.uint32), allow_pickle=False)
+    os.replace(tmp, dest / VAL_TOKENS_FILE)
+    shutil.copyfile(out / RESULTS_FILE, dest / RESULTS_FILE)
+    write_json(dest / MANIFEST_FILE, {"spec": spec.path.name, "description": spec.description, "models": entries,
+                                      "val_tokens": VAL_TOKENS_FILE, "results": RESULTS_FILE,
+                                      "command": " ".join(shlex.quote(a) for a in ["meshprobe", "zoo", "--spec",
+                                                                                   spec.path.stem, "--bundle", str(dest)])})
+    return dest
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
