@@ -1,0 +1,119 @@
+"""Time and peak memory of `analyze_model` (diagnostics + probes + lens + routers) for several sample counts.
+
+    python benchmarks/analyze.py                       # N = 100, 500, 2000 on a tiny-shaped random MeSH model
+    python benchmarks/analyze.py --ns 100,500 --variant base --no-probes
+    python benchmarks/analyze.py --ckpt checkpoints/tiny-mesh      # a real checkpoint and its validation text
+
+Each N runs in a fresh Python process so the peaks do not mix. Reported per N:
+
+* ``seconds``: wall time of ``analyze_model`` alone (the model is built and the tokens drawn before the clock
+  starts; the first batch's one-off costs are included);
+* ``peak RSS delta``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the analysis minus the same value just
+  before it, i.e. how far the process' resident-set peak rose during the analysis (includes the allocator's
+  retained pages; tracemalloc is not used because it does not see torch's tensor memory);
+* ``accumulators``: ``Analyzer.nbytes``, the bytes held by the streaming accumulators at the end;
+* on CUDA also ``torch.cuda.max_memory_allocated`` during the analysis.
+
+The default model is the `tiny` shape (ModelConfig defaults: d_model 128, 4 heads, vocab 8192, n_ctx 256,
+layout 1+2R2+1, i.e. 6 unrolled layers) with random weights; tokens are random ids with a Zipf-like frequency
+profile (so the probes see a realistic class distribution), 256 tokens each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+
+def child(args) -> dict:
+    import resource
+
+    import torch
+
+    from meshprobe import ModelConfig, build_model, load_checkpoint
+    from meshprobe.analysis.run import analyze_model, sample_tokens
+
+    device = torch.device(args.device)
+    n = args.n
+    if args.ckpt:
+        model = load_checkpoint(args.ckpt, device=device)
+        tokens = sample_tokens(args.ckpt, n, args.seq_len, seed=0)
+    else:
+        torch.manual_seed(0)
+        cfg = ModelConfig(variant=args.variant, layout=args.layout, d_model=args.d_model, n_ctx=args.seq_len)
+        model = build_model(cfg).to(device).eval()
+        g = torch.Generator().manual_seed(1)
+        ranks = torch.distributions.Exponential(1 / 300.0).sample((n, args.seq_len)).long()
+        perm = torch.randperm(cfg.vocab_size, generator=g)
+        tokens = perm[ranks.clamp(max=cfg.vocab_size - 1)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    an: list = []
+    t0 = time.perf_counter()
+    analyze_model(model, tokens, batch_size=args.batch_size, device=device, probes=not args.no_probes,
+                  progress=False, threads=None if args.threads == 0 else args.threads, analyzer_out=an)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"n": n, "seconds": seconds, "rss_before_mib": before / 1024, "rss_peak_mib": after / 1024,
+           "rss_delta_mib": (after - before) / 1024, "accumulators_mib": an[0].nbytes / 2**20,
+           "model": f"{model.cfg.layout} {model.cfg.variant} d{model.cfg.d_model}"}
+    if device.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ns", default="100,500,2000", help="comma-separated sample counts")
+    ap.add_argument("--ckpt", default=None, help="benchmark this checkpoint on its validation text")
+    ap.add_argument("--variant", default="mesh")
+    ap.add_argument("--layout", default="1+2R2+1")
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-probes", action="store_true")
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    rows = []
+    for n in (int(x) for x in args.ns.split(",")):
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--n", str(n)]
+        for flag in ("variant", "layout", "d_model", "seq_len", "batch_size", "threads", "device"):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if args.ckpt:
+            cmd += ["--ckpt", args.ckpt]
+        if args.no_probes:
+            cmd.append("--no-probes")
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.exit(f"N={n} failed:\n{res.stderr}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"N={n}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
+    cuda = any("cuda_peak_mib" in r for r in rows)
+    print(f"\n`analyze_model` on {rows[0]['model']}, seq_len {args.seq_len}, batch {args.batch_size}, "
+          f"probes {'off' if args.no_probes else 'on'}, device {args.device}, threads {args.threads}; "
+          f"{platform.machine()}, {os.cpu_count()} CPUs\n")
+    head = "| N | seconds | s / sample | peak RSS delta (MiB) | peak RSS (MiB) | accumulators (MiB) |"
+    print(head + (" CUDA peak (MiB) |" if cuda else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    for r in rows:
+        line = (f"| {r['n']} | {r['seconds']:.1f} | {r['seconds'] / r['n']:.3f} | {r['rss_delta_mib']:.0f} | "
+                f"{r['rss_peak_mib']:.0f} | {r['accumulators_mib']:.1f} |")
+        print(line + (f" {r['cuda_peak_mib']:.0f} |" if cuda else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""`meshprobe analyze`: the streaming pipeline (meshprobe.analysis.run), figures, report and the CLI.
+
+The math of the metrics and probes is tested in test_metrics.py / test_probes.py; here: wiring, output files,
+documented keys, value ranges, the lens sanity check, bad input, atomic output and constant memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meshprobe import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from meshprobe.analysis import collect, plots
+from meshprobe.analysis import metrics as M
+from meshprobe.analysis import run as R
+from meshprobe.cli import main
+
+N_CTX, VOCAB, SEQ = 32, 300, 32
+
+
+def small_model(variant="mesh", layout="1+2R2+1", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(d_model=32, n_heads=4, vocab_size=VOCAB, n_ctx=N_CTX, layout=layout, variant=variant, **kw)
+    return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Three checkpoints (mesh, base, vanilla) sharing a small BPE tokenizer, a text corpus, a token file."""
+    from meshprobe.data import train_tokenizer
+
+    root = tmp_path_factory.mktemp("analyze")
+    text = (Path(__file__).resolve().parents[1] / "meshprobe" / "model.py").read_text() * 2
+    corpus = root / "corpus.txt"
+    corpus.write_text(text)
+    tok = train_tokenizer([text], vocab_size=VOCAB)
+    ckpts = {}
+    for name, variant, layout in (("mesh", "mesh", "1+2R2+1"), ("base", "base", "1+2R2+1"), ("van", "vanilla", "4")):
+        ckpts[name] = save_checkpoint(small_model(variant, layout), root / name, tokenizer=tok,
+                                      train={"data": str(corpus), "seq_len": SEQ})
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, size=(12, SEQ)).astype(np.int32)
+    np.save(root / "tokens.npy", tokens)
+    return {"root": root, "ckpt": ckpts, "tokens": root / "tokens.npy", "corpus": corpus}
+
+
+def _strict_json(path: Path):
+    def bad(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    return json.loads(path.read_text(), parse_constant=bad)
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the CLI end to end
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_run(zoo):
+    out = zoo["root"] / "figs"
+    rc = main(["analyze", str(zoo["ckpt"]["mesh"]), str(zoo["ckpt"]["base"]), str(zoo["ckpt"]["van"]),
+               "--out", str(out), "--tokens", str(zoo["tokens"]), "--no-progress"])
+    assert rc == 0
+    return out, _strict_json(out / "metrics.json")
+
+
+def test_cli_writes_figures(cli_run):
+    out, _ = cli_run
+    for stem in ("fig3", "fig4", "fig5", "lens"):
+        for fmt in ("png", "pdf"):
+            assert (out / f"{stem}.{fmt}").stat().st_size > 1000
+    for name in ("mesh", "base", "van"):
+        for stem in ("fig1", "cka_linear", "lens", "probes"):
+            assert (out / name / f"{stem}.png").is_file() and (out / name / f"{stem}.pdf").is_file()
+    assert (out / "mesh" / "router.png").is_file() and (out / "mesh" / "router.pdf").is_file()
+    assert not (out / "base" / "router.png").exists()
+    report = (out / "report.md").read_text()
+    assert "## mesh" in report and "## van" in report and "Routers" in report
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".figs.tmp")]  # temp folder cleaned up
+
+
+def test_metrics_keys_are_documented(cli_run):
+    _, doc = cli_run
+    paths = R.metric_key_paths(doc)
+    assert paths - set(R.METRICS_KEYS) == set(), "keys in metrics.json missing from METRICS_KEYS"
+    assert set(R.METRICS_KEYS) - paths == set(), "METRICS_KEYS documents keys that were not written"
+    assert all(isinstance(v, str) and v for v in R.METRICS_KEYS.values())
+
+
+def test_metrics_values_in_range(cli_run):
+    _, doc = cli_run
+    assert doc["format"] == R.FORMAT and [m["name"] for m in doc["models"]] == ["mesh", "base", "van"]
+    for m in doc["models"]:
+        S = len(m["states"])
+        assert m["data"]["n_samples"] == 12 and m["data"]["seq_len"] == SEQ
+        assert len(m["update"]["mean"]) == len(m["blocks"])
+        assert all(_finite(r) and 0 <= r <= 2 for r in m["update"]["mean"])
+        for kind in ("rbf", "linear"):
+            cka = np.array(m["cka"][kind]["mean"], dtype=float)
+            assert cka.shape == (S, S) and np.isfinite(cka).all()
+            np.testing.assert_allclose(np.diag(cka), 1.0, atol=1e-9)
+            np.testing.assert_allclose(cka, cka.T, atol=1e-12)
+            assert (cka >= -1e-9).all() and (cka <= 1 + 1e-9).all()
+        spec = np.array(m["spectrum"]["mean"], dtype=float)
+        assert spec.shape == (S, 50)
+        k = min(SEQ, 32)  # min(seq, d): past it the spectrum is null
+        np.testing.assert_allclose(spec[:, 0], 1.0)
+        assert np.isfinite(spec[:, :k]).all() and np.isnan(spec[:, k:]).all()
+        assert (spec[:, :k] > 0).all() and (spec[:, :k] <= 1 + 1e-12).all()
+        assert all(1 <= e <= k for e in m["effective_rank"]["mean"])
+        lens = m["lens"]
+        assert lens["positions"] == SEQ - 1
+        assert all(_finite(x) and x > 0 for x in lens["loss"]["mean"])
+        assert m["probes"]["config"]["n_train_seqs"] + m["probes"]["config"]["n_test_seqs"] == 12
+        for feat, tasks in m["probes"]["token"].items():
+            for task, res in tasks.items():
+                assert 0 <= res["acc"] <= 1 and 0 <= res["chance"] <= 1 and res["n_test"] > 0
+                assert math.isclose(res["selectivity"], res["acc"] - res["control_acc"], abs_tol=1e-12)
+        # a random model's embedding still identifies the current token far above chance
+        cur = m["probes"]["token"]["h_emb"]["current"]
+        assert cur["acc"] > cur["chance"] + 0.2
+
+
+def test_mesh_router_and_slots(cli_run):
+    _, doc = cli_run
+    mesh, base, van = doc["models"]
+    B = mesh["model"]["mesh_slots"]
+    r = mesh["router"]
+    assert r["steps"] == ["entry", "loop 1", "loop 2"] and r["slots"] == [f"m{b}" for b in range(B)]
+    for key in ("write", "read"):
+        w = np.array(r[key]["mean"])
+        assert w.shape == (3, B)
+        np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-9)  # softmax weights averaged over tokens
+    for key in ("write_entropy", "read_entropy"):
+        assert all(0 <= h <= r["max_entropy"] + 1e-9 for h in r[key]["mean"])
+    assert math.isclose(r["max_entropy"], math.log(B))
+    assert np.array(r["slot_norm"]["mean"]).shape == (3, B)
+    assert [f for f in mesh["probes"]["features"] if f.startswith("m")] == [f"m{b}" for b in range(B)]
+    assert set(mesh["probes"]["token"]) == set(mesh["probes"]["features"])
+    # non-mesh models: router skipped with a note, no slot probes
+    for m in (base, van):
+        assert m["router"] is None
+        assert any("router analysis" in n and "skipped" in n for n in m["notes"])
+        assert not any(f.startswith("m") and f[1:].isdigit() for f in m["probes"]["features"])
+    # loop-index probe: recursive only, two kinds of features, chance 1/K on balanced rows
+    for kind in ("state", "update"):
+        li = mesh["probes"]["loop_index"][kind]
+        assert 0 <= li["acc"] <= 1 and math.isclose(li["chance"], 0.5)
+    assert van["probes"]["loop_index"] is None
+    assert van["states"][0] == "h_emb" and van["states"][-1] == "h_out" and van["blocks"][0] == "layer 1"
+
+
+def test_coda_lens_reproduces_model_loss(cli_run, zoo):
+    """Decoding h^(K) through the coda is the model itself: its lens loss equals the model's own loss."""
+    _, doc = cli_run
+    tokens = torch.from_numpy(np.load(zoo["tokens"]).astype(np.int64))
+    for m in doc["models"]:
+        model = load_checkpoint(zoo["ckpt"][m["name"]])
+        with torch.no_grad():
+            loss = float(model(tokens, return_type="loss"))
+        assert math.isclose(m["lens"]["model_loss"]["mean"], loss, rel_tol=1e-5)
+        if m["model"]["kind"] == "recursive":
+            assert m["lens"]["coda_states"][-1] == "h^(2)"
+            assert math.isclose(m["lens"]["coda_loss"]["mean"][-1], loss, rel_tol=1e-5)
+        else:
+            assert m["lens"]["coda_loss"]["mean"] is None
+        # h_out decoded directly is also the model
+        assert math.isclose(m["lens"]["loss"]["mean"][-1], loss, rel_tol=1e-5)
+
+
+def test_cli_samples_from_checkpoint_corpus(zoo, capsys):
+    """Without --tokens: windows of the validation split of the corpus named in the checkpoint metadata."""
+    out = zoo["root"] / "sampled"
+    rc = main(["analyze", str(zoo["ckpt"]["base"]), "--out", str(out), "--samples", "6", "--seq-len", "16",
+               "--no-probes", "--no-progress", "--names", "b0"])
+    assert rc == 0
+    doc = _strict_json(out / "metrics.json")
+    m = doc["models"][0]
+    assert m["name"] == "b0" and m["data"]["n_samples"] == 6 and m["data"]["seq_len"] == 16
+    assert "corpus.txt" in m["data"]["source"] and m["probes"] is None
+    assert (out / "fig1.png").is_file() and not (out / "probes.png").exists()
+    a = R.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=3)
+    b = R.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=3, data=str(zoo["corpus"]))
+    assert a.shape == (6, 16) and a.dtype == torch.long and torch.equal(a, b)
+    assert not torch.equal(a, R.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one line on stderr, exit 2
+# ---------------------------------------------------------------------------------------------------------
+def _bad(capsys, argv):
+    rc = main(["analyze", *argv, "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("meshprobe analyze: error:"), err
+    return err[0]
+
+
+def test_bad_inputs(zoo, tmp_path, capsys):
+    ck = str(zoo["ckpt"]["mesh"])
+    out = str(tmp_path / "o")
+    assert "not found" in _bad(capsys, [str(tmp_path / "nope"), "--out", out])
+    (tmp_path / "plain").mkdir()
+    assert "not a meshprobe checkpoint" in _bad(capsys, [str(tmp_path / "plain"), "--out", out])
+    assert "at least 2" in _bad(capsys, [ck, "--out", out, "--samples", "1"])
+    assert "n_ctx" in _bad(capsys, [ck, "--out", out, "--seq-len", str(N_CTX + 1)])
+    np.save(tmp_path / "long.npy", np.zeros((4, N_CTX + 8), dtype=np.int64))
+    assert "n_ctx" in _bad(capsys, [ck, "--out", out, "--tokens", str(tmp_path / "long.npy")])
+    (tmp_path / "f.npy").write_bytes(b"not numpy")
+    assert "--tokens" in _bad(capsys, [ck, "--out", out, "--tokens", str(tmp_path / "f.npy")])
+    np.save(tmp_path / "float.npy", np.zeros((4, 8)))
+    assert "integer" in _bad(capsys, [ck, "--out", out, "--tokens", str(tmp_path / "float.npy")])
+    np.save(tmp_path / "big.npy", np.full((4, 8), VOCAB + 5))
+    assert "token ids" in _bad(capsys, [ck, "--out", out, "--tokens", str(tmp_path / "big.npy")])
+    assert "--names" in _bad(capsys, [ck, "--out", out, "--names", "a,b"])
+    assert "--tokens or --data" in _bad(capsys, [ck, "--out", out, "--tokens", str(zoo["tokens"]), "--data", "x"])
+    assert not Path(out).exists()
+
+
+def test_failed_run_keeps_previous_results(zoo, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"old": true}')
+
+    def boom(*a, **k):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(plots, "plot_model", boom)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        main(["analyze", str(zoo["ckpt"]["base"]), "--out", str(out), "--tokens", str(zoo["tokens"]),
+              "--no-progress", "--no-probes"])
+    assert json.loads((out / "metrics.json").read_text()) == {"old": True}
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, meshprobe.analysis.cli; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# library-level pipeline
+# ---------------------------------------------------------------------------------------------------------
+def test_memory_does_not_grow_with_samples():
+    """The accumulators (running stats, probe statistics) have the same size after 8 and after 32 samples.
+
+    Token ids come from a 20-id alphabet so that both runs see every id: the probes' class count (at most
+    max_classes) is the only size that depends on the data, through the number of distinct training ids."""
+    model = small_model("mesh")
+    sizes = []
+    for n in (8, 32):
+        tokens = torch.arange(n * SEQ).view(n, SEQ) * 7 % 20
+        an = []
+        R.analyze_model(model, tokens, batch_size=4, progress=False, analyzer_out=an)
+        sizes.append(an[0].nbytes)
+        assert an[0].n_seen == n
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_analyze_model_is_deterministic_and_batch_size_free():
+    model = small_model("residual")
+    tokens = torch.randint(0, VOCAB, (10, SEQ), generator=torch.Generator().manual_seed(1))
+    a = R.analyze_model(model, tokens, batch_size=3, progress=False)
+    b = R.analyze_model(model, tokens, batch_size=10, progress=False)
+    for key in ("update", "effective_rank"):
+        np.testing.assert_allclose(a[key]["mean"], b[key]["mean"], rtol=1e-5)
+    np.testing.assert_allclose(a["cka"]["rbf"]["mean"], b["cka"]["rbf"]["mean"], rtol=1e-5)
+    assert a["probes"]["token"]["h^(1)"]["next"]["acc"] == pytest.approx(b["probes"]["token"]["h^(1)"]["next"]["acc"])
+
+
+def test_per_sample_numbers_match_the_metric_functions():
+    """Running stats over the batch agree with the metrics applied sample by sample."""
+    model = small_model("anchor")
+    tokens = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(2))
+    res = R.analyze_model(model, tokens, progress=False, probes=False)
+    spec = collect.state_spec(model)
+    _, cache = model.run_with_cache(tokens, names_filter=spec.hook_names())
+    states = [cache[h] for _, h in spec.states]
+    r = torch.stack([M.relative_update(cache[o], cache[i]) for _, i, o in spec.blocks], 1)
+    np.testing.assert_allclose(res["update"]["mean"], r.mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(res["update"]["std"], r.std(0).numpy(), rtol=1e-5)
+    cka = torch.stack([M.cka_matrix([s[i] for s in states], "rbf") for i in range(4)]).mean(0)
+    np.testing.assert_allclose(res["cka"]["rbf"]["mean"], cka.numpy(), rtol=1e-6, atol=1e-9)
+    er = torch.stack([torch.stack([M.effective_rank(s[i]) for s in states]) for i in range(4)]).mean(0)
+    np.testing.assert_allclose(res["effective_rank"]["mean"], er.numpy(), rtol=1e-6)
+    sp = torch.stack([torch.stack([M.singular_spectrum(s[i]) for s in states]) for i in range(4)]).nanmean(0)
+    np.testing.assert_allclose(np.array(res["spectrum"]["mean"], dtype=float), sp.numpy(), rtol=1e-6)
+
+
+def test_lens_subset_and_coda_helper():
+    model = small_model("mesh", layout="1+1R3+2")
+    h = torch.randn(2, SEQ, 32)
+    with torch.no_grad():
+        ref = model.readout(h, through_coda=True)
+        got = model.readout(R.run_coda(model, h))
+    torch.testing.assert_close(got, ref)
+    tokens = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(3))
+    res = R.analyze_model(model, tokens, progress=False, probes=False, lens_positions=8)
+    assert res["lens"]["positions"] == 8
+    assert res["lens"]["coda_loss"]["mean"][-1] == pytest.approx(res["lens"]["model_loss"]["mean"], rel=1e-6)
+    assert len(res["lens"]["coda_states"]) == 4  # h^(0) .. h^(3)
+
+
+def test_unshared_block_layout_and_small_spec():
+    model = small_model("mesh", layout="1+2+2+1")
+    spec = collect.state_spec(model)
+    assert spec.state_names == ["h_emb", "h^(0)", "h^(1)", "h^(2)", "h_out"]
+    assert spec.block_names == ["prelude", "loop 1", "loop 2", "coda"]
+    assert spec.final_memory_hook == "loop.1.mesh.hook_memory"
+    assert set(spec.hook_names()) <= set(model.hook_dict)
+    tokens = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(4))
+    res = R.analyze_model(model, tokens, progress=False)
+    assert res["probes"]["config"]["n_test_seqs"] == 1 and res["router"] is not None
+
+
+def test_analyze_model_rejects_bad_tokens():
+    from meshprobe.errors import UserError
+
+    model = small_model("base")
+    with pytest.raises(UserError, match="at least 2 samples"):
+        R.analyze_model(model, torch.zeros(1, 8, dtype=torch.long), progress=False)
+    with pytest.raises(UserError, match="n_ctx"):
+        R.analyze_model(model, torch.zeros(2, N_CTX + 1, dtype=torch.long), progress=False)
+    with pytest.raises(UserError, match="integers"):
+        R.analyze_model(model, torch.zeros(2, 8), progress=False)
