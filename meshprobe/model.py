@@ -317,13 +317,18 @@ class MeshprobeModel(HookedRootModule):
             out = out + h_emb
         return out
 
+    def run_coda(self, h: torch.Tensor) -> torch.Tensor:
+        """The coda applied to a state h [batch, seq, d] through hook-free call sites (no model hook fires);
+        the identity for vanilla models."""
+        if self.cfg.is_vanilla:
+            return h
+        idle = [LayerHooks().to(h.device) for _ in range(self.cfg.coda_layers)]
+        return self.coda(h, self.rotary_cos, self.rotary_sin, idle)
+
     def readout(self, h: torch.Tensor, through_coda: bool = False) -> torch.Tensor:
         """Logits from an intermediate state h [batch, seq, d] (a "lens"): final LayerNorm + unembedding,
-        optionally after running the coda first. Uses hook-free call sites, so no model hook fires."""
-        if through_coda and not self.cfg.is_vanilla:
-            idle = [LayerHooks().to(h.device) for _ in range(self.cfg.coda_layers)]
-            h = self.coda(h, self.rotary_cos, self.rotary_sin, idle)
-        return self.unembed(self.ln_final(h))
+        optionally after running the coda first (`run_coda`)."""
+        return self.unembed(self.ln_final(self.run_coda(h) if through_coda else h))
 
     # --- introspection -----------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:

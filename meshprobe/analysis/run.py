@@ -282,19 +282,6 @@ def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce.view(b, p).double().mean(1)
 
 
-def run_coda(model, h: torch.Tensor) -> torch.Tensor:
-    """The coda applied to a state h [b, seq, d] without firing any model hook (the first half of
-    ``model.readout(h, through_coda=True)``, which then applies the final LN + unembedding); identity for
-    vanilla models. Lets the lens unembed only a subset of positions while the coda still sees the whole
-    sequence."""
-    if model.cfg.is_vanilla:
-        return h
-    from meshprobe.model import LayerHooks
-
-    idle = [LayerHooks().to(h.device) for _ in range(model.cfg.coda_layers)]
-    return model.coda(h, model.rotary_cos, model.rotary_sin, idle)
-
-
 @contextmanager
 def torch_threads(n: int | None):
     """Run a block with ``torch.set_num_threads(n)`` (restored afterwards); ``None`` = leave as is.
@@ -417,7 +404,7 @@ class Analyzer:
         self._rs("lens").update_batch(torch.stack(lens, dim=1))
         if spec.lens_coda:
             hook = dict(spec.states)
-            lc = [_ce(model.readout(run_coda(model, cache[hook[s]])[:, pos]), target) for s in spec.lens_coda]
+            lc = [_ce(model.readout(model.run_coda(cache[hook[s]])[:, pos]), target) for s in spec.lens_coda]
             self._rs("lens_coda").update_batch(torch.stack(lc, dim=1))
         del lens
         small = torch_threads(self.small_op_threads) if tok.device.type == "cpu" else nullcontext()
