@@ -1166,17 +1166,18 @@ def get_batch(tokens: np.ndarray, batch_size: int, seq_len: int, step: int, seed
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
                  max_batches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Non-overlapping windows from the start of `tokens` (window i covers tokens [i*seq_len, (i+1)*seq_len]),
-    grouped into batches of `batch_size` (the last one may be smaller); at most `max_batches` batches."""
+    """Non-overlapping windows of `seq_len` (+1 target) tokens, grouped into batches of `batch_size` (the last one
+    may be smaller). With `max_batches`, the windows are spread evenly over all of `tokens`, so a short
+    evaluation still sees every source of a mixed validation split, not just the first one."""
     if batch_size < 1:
         raise UserError(f"batch_size must be positive, not {batch_size}")
     _check_tokens(tokens, seq_len, "validation tokens")
-    n_windows = (len(tokens) - 1) // seq_len
-    if max_batches is not None:
-        n_windows = min(n_windows, max_batches * batch_size)
+    available = (len(tokens) - 1) // seq_len
+    n_windows = available if max_batches is None else min(available, max_batches * batch_size)
+    window_ids = (np.arange(n_windows) * available) // n_windows  # evenly spaced, strictly increasing
     offsets = np.arange(seq_len + 1)
     for b in range(0, n_windows, batch_size):
-        starts = np.arange(b, min(b + batch_size, n_windows)) * seq_len
+        starts = window_ids[b:b + batch_size] * seq_len
         window = np.asarray(tokens[starts[:, None] + offsets], dtype=np.int64)
         yield window[:, :-1], window[:, 1:]
 

@@ -127,30 +127,71 @@ def train_zoo(spec: ZooSpec, out: str | os.PathLike, only: list[str] | None = No
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [r for r in spec.runs if not only or r.name in only or r.run_id in only]
+    # Seed 0 of every model first: a zoo stopped halfway is then still one complete family.
+    runs = sorted((r for r in spec.runs if not only or r.name in only or r.run_id in only), key=lambda r: r.seed)
     if not runs:
         raise UserError(f"no zoo run matches {only}; runs: {sorted({r.name for r in spec.runs})}")
     tokenizer = shared_tokenizer(spec, out)
     for i, run in enumerate(runs, 1):
         model_cfg, train_cfg = run_configs(spec, run, str(tokenizer))
         print(f"[zoo {i}/{len(runs)}] {run.run_id}: {model_cfg.layout} {model_cfg.variant}", file=sys.stderr)
-        train(model_cfg, train_cfg, out / run.run_id, resume=True)
+        if train(model_cfg, train_cfg, out / run.run_id, resume=True)["status"] == "interrupted":
+            raise KeyboardInterrupt  # Ctrl-C stops the whole zoo (the run saved a checkpoint to resume from)
     return collect_results(spec, out)
 
 
-def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
-    """Read every finished run's numbers from its checkpoint and write <out>/results.json."""
-    from meshprobe.checkpoint import read_checkpoint_config
-    from meshprobe.model import build_model
+def validation_sample(spec: ZooSpec, out: Path):
+    """The zoo's shared validation token sample [samples, seq_len] (uniform over the validation split of every
+    source), made once from the zoo tokenizer and saved as <out>/val_tokens.npy."""
+    import numpy as np
 
+    from meshprobe.data import load_tokenizer, open_corpus, sample_sequences, tokenize_corpus
+
+    path = out / VAL_TOKENS_FILE
+    if not path.is_file():
+        _, train_cfg = run_configs(spec, spec.runs[0])
+        tokenizer = load_tokenizer(out / "tokenizer.json")
+        val = tokenize_corpus(open_corpus(train_cfg.data, quiet=True), tokenizer)["val"]
+        sample = sample_sequences(val, spec.bundle_samples, spec.bundle_seq_len, seed=0)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, sample.astype(np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32),
+                    allow_pickle=False)
+        os.replace(tmp, path)
+    return np.load(path, allow_pickle=False)
+
+
+def sample_loss(model, tokens, batch_size: int = 50) -> float:
+    """Mean next-token loss of `model` over a token array [N, seq] (every position but the last)."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch_size):
+            x = torch.from_numpy(tokens[i:i + batch_size].astype("int64"))
+            total += model(x, return_type="loss").item() * x.numel()
+            count += x.numel()
+    return total / count
+
+
+def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
+    """Read every finished run's numbers from its checkpoint, add its loss on the shared validation sample,
+    and write <out>/results.json."""
+    import math
+
+    from meshprobe.checkpoint import load_checkpoint
+
+    sample = validation_sample(spec, out)
     rows = []
     for run in spec.runs:
         path = out / run.run_id
         if not (path / "config.json").is_file():
             continue
-        config = read_checkpoint_config(path)
+        model = load_checkpoint(path)
+        config = model.checkpoint_config
         meta = config.get("metadata", {})
-        counts = build_model(config["model"], device="meta").parameter_counts()
+        counts = model.parameter_counts()
+        loss = sample_loss(model, sample)
         rows.append({
             "run": run.run_id, "name": run.name, "group": run.group, "seed": run.seed,
             "layout": config["model"]["layout"], "variant": config["model"]["variant"],
@@ -158,6 +199,7 @@ def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
             "non_embedding_params": counts["non_embedding"], "router_params": counts["router"],
             **{k: meta.get(k) for k in ("step", "total_steps", "tokens_seen", "val_loss", "val_ppl",
                                         "wall_time_s", "device", "status")},
+            "sample_loss": loss, "sample_ppl": math.exp(loss),
         })
     write_json(out / RESULTS_FILE, {
         "spec": str(spec.path.name), "description": spec.description,
@@ -168,12 +210,10 @@ def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
 
 def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") -> Path:
     """Copy the bundle runs (seed 0) into `dest` in fp16 without optimizer state, with the shared validation
-    token sample, the results file and a manifest."""
-    import numpy as np
+    token sample, the results file and a manifest. Figures regenerate from `dest` alone."""
     import torch
 
     from meshprobe.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
-    from meshprobe.data import open_corpus, sample_sequences, tokenize_corpus
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -185,15 +225,10 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
         files = {f: (src / f).read_bytes() for f in ("train_log.jsonl",) if (src / f).is_file()}
         save_checkpoint(model, dest / name, tokenizer=load_tokenizer(src), files=files, dtype=torch.float16, **meta)
         entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant})
-    first = load_checkpoint(out / f"{spec.bundle_runs[0]}-s0")
-    _, train_cfg = run_configs(spec, spec.runs[0])
-    val = tokenize_corpus(open_corpus(train_cfg.data, quiet=True), load_tokenizer(out / f"{spec.bundle_runs[0]}-s0"))["val"]
-    sample = sample_sequences(val, spec.bundle_samples, min(spec.bundle_seq_len, first.cfg.n_ctx), seed=0)
-    tmp = dest / f".{VAL_TOKENS_FILE}.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, sample.astype(np.uint16 if first.cfg.vocab_size <= 65535 else np.uint32), allow_pickle=False)
-    os.replace(tmp, dest / VAL_TOKENS_FILE)
-    shutil.copyfile(out / RESULTS_FILE, dest / RESULTS_FILE)
+    validation_sample(spec, out)
+    for name in (VAL_TOKENS_FILE, RESULTS_FILE):
+        shutil.copyfile(out / name, dest / f".{name}.tmp")
+        os.replace(dest / f".{name}.tmp", dest / name)
     write_json(dest / MANIFEST_FILE, {"spec": spec.path.name, "description": spec.description, "models": entries,
                                       "val_tokens": VAL_TOKENS_FILE, "results": RESULTS_FILE,
                                       "command": " ".join(shlex.quote(a) for a in ["meshprobe", "zoo", "--spec",

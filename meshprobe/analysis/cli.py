@@ -110,7 +110,7 @@ def _validate(args) -> None:
         raise UserError("give --tokens or --data, not both")
 
 
-def _move_into(tmp: Path, out: Path) -> list[Path]:
+def move_into(tmp: Path, out: Path) -> list[Path]:
     """Move every file of `tmp` to the same relative path in `out` (metrics.json and report.md last)."""
     files = sorted((p for p in tmp.rglob("*") if p.is_file()),
                    key=lambda p: (p.name in ("metrics.json", "report.md"), str(p)))
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
         report.write_report(doc, tmp / "report.md")
         out.mkdir(parents=True, exist_ok=True)
-        moved = _move_into(tmp, out)
+        moved = move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == out})

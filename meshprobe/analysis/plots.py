@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["plot_model", "plot_comparison", "save_figure", "FORMATS"]
+__all__ = ["plot_model", "plot_comparison", "save_figure", "style", "FORMATS"]
 
 FORMATS = ("png", "pdf")
 _DPI = 150
@@ -41,7 +41,7 @@ def _arr(x) -> np.ndarray:
     return np.array(x, dtype=float)
 
 
-def _style():
+def style():
     return plt.rc_context({**sns.axes_style("whitegrid"), **sns.plotting_context("paper"),
                            "figure.dpi": 100, "savefig.bbox": "tight", "axes.titlesize": 10,
                            "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 7})
@@ -158,7 +158,7 @@ def plot_model(m: dict, out_dir: str | os.PathLike) -> list[Path]:
     """All single-model figures of one ``models[]`` entry into ``out_dir``; returns the files written."""
     out: list[Path] = []
     name = m.get("name", "")
-    with _style():
+    with style():
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1, 1.15, 1.1]})
         _panel_update(axes[0], m)
         _panel_heatmap(axes[1], m["cka"]["rbf"]["mean"], m["states"],
@@ -266,7 +266,7 @@ def plot_comparison(models: Sequence[dict], names: Sequence[str] | None, out_dir
         raise ValueError(f"{len(models)} models but {len(names)} names")
     n = len(models)
     out: list[Path] = []
-    with _style():
+    with style():
         # fig3: relative update
         same_blocks = all(m["blocks"] == models[0]["blocks"] for m in models)
         if same_blocks:

@@ -1,0 +1,207 @@
+"""`meshprobe figures`: regenerate figures/ from the bundled checkpoints and the results file.
+
+Inputs (all in checkpoints/, written by `meshprobe zoo --bundle checkpoints`): `zoo.json` (which models),
+one checkpoint directory per model (with its `train_log.jsonl`), `val_tokens.npy` (the validation token
+sample every figure is computed on, so figures regenerate identically on any machine) and `results.json`
+(the numbers of every zoo run, bundled or not).
+
+Outputs: the paper's Fig 1 (base) and Fig 3/4/5 (base, +residual, +anchor, +mesh), Fig 6 (training curves),
+the Table 1 analogue (figure + markdown) and Table 3/4/6 analogues where the zoo ran them, per-model probe,
+lens and router figures, `metrics.json` and `report.md` (from `meshprobe analyze`), `tables.md`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from meshprobe.errors import UserError
+
+# The paper's numbers beside ours (paper.md §5): 410M 3+6R3+3 Pile PPL, the diagnostic family.
+PAPER_TABLE1 = {"vanilla": 9.07, "base": 9.65, "residual": 9.69, "anchor": 9.49, "mesh": 9.35}
+PAPER_TABLE3 = {3: 9.1231, 4: 9.1003, 5: 9.0944, 6: 9.1088}
+PAPER_TABLE4 = {"vanilla": 9.0675, "base": 9.3542, "anchor": 9.1867, "residual+anchor": 9.2541,
+                "residual+anchor+anchor_emb": 9.2415, "anchor+anchor_emb": 9.1694, "static_comb": 9.1731,
+                "dynamic_comb": 9.1851, "mesh": 9.0944}
+COMPARISON = ["base", "residual", "anchor", "mesh"]  # the paper's Fig 3-5 line-up
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tables: plain functions on results rows
+# --------------------------------------------------------------------------------------------------------
+def variant_summary(rows: list[dict], group: str, loss_key: str = "sample_loss") -> list[dict]:
+    """Per variant of a group: seeds, loss mean / sd, perplexity of the mean loss, and the paired (same seed)
+    difference to base with its standard error. A gap is 'resolved' only when |mean| > 2 s.e."""
+    rows = [r for r in rows if r["group"] == group and r.get(loss_key) is not None]
+    base = {r["seed"]: r[loss_key] for r in rows if r["variant"] == "base"}
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant]
+        losses = [r[loss_key] for r in runs]
+        diffs = [r[loss_key] - base[r["seed"]] for r in runs if r["seed"] in base] if variant != "base" else []
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else None
+        mean_diff = statistics.fmean(diffs) if diffs else None
+        out.append({
+            "variant": variant, "layout": runs[0]["layout"], "seeds": len(runs),
+            "non_embedding_params": runs[0]["non_embedding_params"],
+            "loss_mean": statistics.fmean(losses), "loss_sd": statistics.stdev(losses) if len(losses) > 1 else None,
+            "ppl": math.exp(statistics.fmean(losses)), "paired_diff_vs_base": mean_diff, "paired_se": se,
+            "resolved": None if se is None else abs(mean_diff) > 2 * se,
+        })
+    return out
+
+
+def _fmt(x, spec=".3f"):
+    return "—" if x is None else format(x, spec)
+
+
+def table1_markdown(summary: list[dict], tokens: int | None) -> str:
+    lines = [f"Validation loss on the shared sample (`checkpoints/val_tokens.npy`), {tokens:,} training tokens per run"
+             if tokens else "Validation loss on the shared sample",
+             "", "| variant | layout | non-emb params | seeds | loss mean ± sd | PPL | paired Δ vs base ± s.e. | "
+             "resolved (>2 s.e.) | paper PPL (410M 3+6R3+3) |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        sd = f" ± {s['loss_sd']:.3f}" if s["loss_sd"] is not None else ""
+        diff = "—" if s["paired_diff_vs_base"] is None else (
+            f"{s['paired_diff_vs_base']:+.3f}" + (f" ± {s['paired_se']:.3f}" if s["paired_se"] is not None else " (1 seed)"))
+        resolved = {None: "—", True: "yes", False: "no"}[s["resolved"]]
+        lines.append(f"| {s['variant']} | `{s['layout']}` | {s['non_embedding_params']:,} | {s['seeds']} | "
+                     f"{s['loss_mean']:.3f}{sd} | {s['ppl']:.1f} | {diff} | {resolved} | "
+                     f"{_fmt(PAPER_TABLE1.get(s['variant']), '.2f')} |")
+    return "\n".join(lines)
+
+
+def ablation_markdown(rows: list[dict], group: str, key: str, paper: dict, title: str) -> str:
+    runs = [r for r in rows if r["group"] == group and r.get("sample_loss") is not None]
+    if not runs:
+        return f"### {title}\n\nNot in this zoo (the GPU spec `zoo-gpu` has it: `meshprobe zoo --spec zoo-gpu`).\n"
+    lines = [f"### {title}", "", f"| {key} | seeds | loss mean | PPL | paper PPL |", "|---|---|---|---|---|"]
+    for value in dict.fromkeys(r[key] for r in runs):
+        losses = [r["sample_loss"] for r in runs if r[key] == value]
+        lines.append(f"| {value} | {len(losses)} | {statistics.fmean(losses):.3f} | "
+                     f"{math.exp(statistics.fmean(losses)):.1f} | {_fmt(paper.get(value), '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Figures that are not analyses of one model: training curves (Fig 6) and the Table 1 bars
+# --------------------------------------------------------------------------------------------------------
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training_curves(logs: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    """Fig 6 analogue: training loss against tokens seen (log x) and validation loss, one line per model."""
+    from meshprobe.analysis.plots import plt, save_figure, style
+
+    with style():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for name, records in logs.items():
+            train = [r for r in records if r.get("type") == "train"]
+            val = [r for r in records if r.get("type") == "eval"]
+            axes[0].plot([r["tokens"] for r in train], [r["loss"] for r in train], label=name, lw=1.2)
+            axes[1].plot([r["tokens"] for r in val], [r["val_loss"] for r in val], marker="o", label=name, lw=1.2)
+        axes[0].set(xscale="log", xlabel="tokens seen", ylabel="training loss", title="(a) training loss")
+        axes[1].set(xlabel="tokens seen", ylabel="validation loss", title="(b) validation loss")
+        axes[0].legend()
+        fig.tight_layout()
+        return save_figure(fig, out_dir, "fig6_training")
+
+
+def plot_table1(summary: list[dict], out_dir: Path) -> list[Path]:
+    from meshprobe.analysis.plots import plt, save_figure, style
+
+    with style():
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        names = [s["variant"] for s in summary]
+        ax.bar(names, [s["loss_mean"] for s in summary], yerr=[s["loss_sd"] or 0 for s in summary], capsize=3,
+               color="tab:blue", alpha=0.8)
+        lo = min(s["loss_mean"] for s in summary)
+        ax.set_ylim(lo - 0.15, max(s["loss_mean"] + (s["loss_sd"] or 0) for s in summary) + 0.05)
+        ax.set(ylabel="validation loss (shared sample)", title="Table 1 analogue: loss per variant (± sd over seeds)")
+        fig.tight_layout()
+        return save_figure(fig, out_dir, "table1")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------------------
+def load_bundle(checkpoints: str | os.PathLike) -> tuple[dict, "object", dict]:
+    """(manifest, validation tokens, results) of a bundled zoo; one-line errors for anything missing."""
+    import numpy as np
+
+    root = Path(checkpoints)
+    manifest_path = root / "zoo.json"
+    if not manifest_path.is_file():
+        raise UserError(f"{manifest_path} not found: bundle a zoo first (meshprobe zoo --bundle {root})")
+    manifest = json.loads(manifest_path.read_text())
+    tokens_path = root / manifest.get("val_tokens", "val_tokens.npy")
+    try:
+        tokens = np.load(tokens_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{tokens_path}: cannot read the validation token sample ({exc})") from None
+    results_path = root / manifest.get("results", "results.json")
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
+    return manifest, tokens, results
+
+
+def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.PathLike = "figures",
+               samples: int | None = None, probes: bool = True, progress: bool = True) -> list[Path]:
+    """Recompute every analysis on the bundled models and rewrite `out` (files are moved in at the end, so a
+    failure leaves the previous figures intact). Returns the files written."""
+    import torch
+
+    import meshprobe
+    from meshprobe.analysis import plots, report
+    from meshprobe.analysis.cli import move_into
+    from meshprobe.analysis.run import FORMAT, FORMAT_VERSION, analyze_model
+    from meshprobe.checkpoint import load_checkpoint
+
+    root, out = Path(checkpoints), Path(out)
+    manifest, tokens, results = load_bundle(root)
+    tokens = torch.from_numpy(tokens[:samples].astype("int64"))
+    names = [m["name"] for m in manifest["models"]]
+    variants = {m["name"]: m["variant"] for m in manifest["models"]}
+    metrics = []
+    for name in names:
+        model = load_checkpoint(root / name)
+        metrics.append(analyze_model(model, tokens, probes=probes, progress=progress, name=variants[name],
+                                     checkpoint=str(root / name), source=f"{root / 'val_tokens.npy'}"))
+    by_variant = {m["name"]: m for m in metrics}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if "base" in by_variant:
+            plots.plot_model(by_variant["base"], tmp)  # Fig 1 is the base model's diagnostics
+        line_up = [v for v in COMPARISON if v in by_variant]
+        if len(line_up) > 1:
+            plots.plot_comparison([by_variant[v] for v in line_up], line_up, tmp / "comparison")
+        for m in metrics:
+            plots.plot_model(m, tmp / m["name"])
+        logs = {variants[n]: read_log(root / n / "train_log.jsonl") for n in names}
+        plot_training_curves({k: v for k, v in logs.items() if v}, tmp)
+        rows = results.get("runs", [])
+        summary = variant_summary(rows, "loop3")
+        tables = ["# Tables (regenerated by `meshprobe figures`)", "", f"Source: `{root / 'results.json'}` "
+                  f"({results.get('description', '')}); command: `{results.get('command', '')}`", ""]
+        if summary:
+            plot_table1(summary, tmp)
+            tables += ["## Table 1 analogue (3-loop family)", "", table1_markdown(summary, rows[0].get("tokens_seen")), ""]
+        tables += [ablation_markdown(rows, "table3", "mesh_slots", PAPER_TABLE3, "Table 3 analogue: buffer length B"),
+                   ablation_markdown(rows, "table4", "variant", PAPER_TABLE4, "Table 4 analogue: combinations"),
+                   ablation_markdown(rows, "table6", "variant", {}, "Table 6 analogue: MeSH on an unshared model")]
+        (tmp / "tables.md").write_text("\n".join(tables))
+        doc = {"format": FORMAT, "version": FORMAT_VERSION, "meshprobe_version": meshprobe.__version__,
+               "models": metrics, "table1": summary}
+        (tmp / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
+        report.write_report(doc, tmp / "report.md")
+        out.mkdir(parents=True, exist_ok=True)
+        return move_into(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,121 @@
+"""`meshprobe train`: train a vanilla, recursive or MeSH model from a preset plus ``--key value`` overrides.
+
+    meshprobe train --config tiny --out checkpoints/tiny
+    meshprobe train --config loop3 --variant mesh --lr 1e-3 --steps 2000 --out checkpoints/loop3-mesh
+    meshprobe train --out checkpoints/tiny --resume --steps 400          # continue (config from the checkpoint)
+    torchrun --nproc_per_node 4 -m meshprobe train --config gpu-small --out checkpoints/gpu-small
+
+Exit codes: 0 done (or stopped by stop_after), 1 the loss became NaN/inf (the last good checkpoint is kept),
+2 bad input (nothing written), 130 interrupted by Ctrl-C (a checkpoint was saved; continue with --resume).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _epilog() -> str:
+    import dataclasses
+    import textwrap
+
+    from meshprobe.config import ModelConfig
+    from meshprobe.train import TrainConfig, list_presets
+
+    def keys(cls, label):
+        names = " ".join(f.name for f in dataclasses.fields(cls))
+        return textwrap.fill(names, width=100, initial_indent=f"  {label} keys: ", subsequent_indent=" " * 14)
+
+    return "\n".join([
+        "overrides: --KEY VALUE for any [model] or [train] field of the preset, e.g. --variant mesh "
+        "--layout 3+6R3+3 --lr 1e-3 --steps 200 --data mix --compile --betas 0.9,0.95 --mesh-slots none",
+        keys(ModelConfig, "model"), keys(TrainConfig, "train"),
+        f"presets: {', '.join(list_presets())}",
+        "exit codes: 0 done, 1 loss became NaN/inf (last good checkpoint kept), 2 bad input (nothing written), "
+        "130 interrupted (checkpoint saved)",
+    ])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _epilog()
+    parser.add_argument("--config", "-c", metavar="PRESET|FILE",
+                        help="preset name (e.g. tiny) or path to a TOML file with [model] and [train] tables; "
+                             "with --resume it defaults to the checkpoint's own config")
+    parser.add_argument("--out", "-o", required=True, metavar="DIR",
+                        help="output checkpoint directory (config.json, model.safetensors, tokenizer.json, "
+                             "training state, train_log.jsonl)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (model, optimizer, schedule, RNG, data position, log)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    # Unknown --key value pairs are the config overrides: keep them instead of letting argparse reject them.
+    parser.allow_abbrev = False
+    original = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = original(args, namespace)
+        ns.overrides = list(getattr(ns, "overrides", None) or []) + list(extras)
+        return ns, []
+
+    parser.parse_known_args = parse_known_args
+    parser.set_defaults(overrides=[])
+
+
+def build_configs(args: argparse.Namespace):
+    """(ModelConfig, TrainConfig) from --config/--resume and the overrides."""
+    from pathlib import Path
+
+    from meshprobe.checkpoint import read_checkpoint_config
+    from meshprobe.errors import UserError
+    from meshprobe.train import load_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)  # unknown keys fail here, before anything else
+    if args.config is None:
+        if not args.resume:
+            raise UserError("--config is required (a preset such as tiny, or a TOML file) unless --resume is given")
+        out = Path(args.out)
+        if not out.exists():
+            raise UserError(f"cannot resume: {out} does not exist (give --config to start a new run)")
+        saved = read_checkpoint_config(out)
+        train_d = dict(saved.get("metadata", {}).get("train") or {})
+        if not train_d:
+            raise UserError(f"cannot resume: {out} has no train config in its metadata")
+        train_d.pop("stop_after", None)  # a stop point is for one invocation only
+        if "steps" in train_d and "tokens" in train_d and train_d["tokens"] is not None:
+            train_d["steps"] = None
+        return load_config(base=(saved["model"], train_d), overrides=overrides)
+    return load_config(args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from meshprobe.errors import UserError
+    from meshprobe.train import TrainingDiverged, dist_env, train
+
+    rank = dist_env()[0] if _env_ok() else 0
+    try:
+        model_cfg, train_cfg = build_configs(args)
+        summary = train(model_cfg, train_cfg, args.out, resume=args.resume, overwrite=args.overwrite,
+                        quiet=args.quiet)
+    except UserError:
+        if rank != 0:
+            return 2  # rank 0 prints the message once
+        raise
+    except TrainingDiverged as exc:
+        if rank == 0:
+            print(f"meshprobe train: error: {exc}", file=sys.stderr)
+        return 1
+    if summary["status"] == "interrupted":
+        if rank == 0:
+            print(f"meshprobe train: interrupted at step {summary['step']}/{summary['total_steps']}; checkpoint "
+                  f"saved to {summary['out_dir']} (continue with --resume)", file=sys.stderr)
+        return 130
+    if summary["status"] == "stopped" and rank == 0 and not args.quiet:
+        print(f"meshprobe train: stopped at step {summary['step']}/{summary['total_steps']} (stop_after); "
+              f"continue with: meshprobe train --out {summary['out_dir']} --resume", file=sys.stderr)
+    return 0
+
+
+def _env_ok() -> bool:
+    import os
+
+    return all(os.environ.get(k, "0").isdigit() for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

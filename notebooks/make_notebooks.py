@@ -1,0 +1,104 @@
+"""Writes the four notebooks (outputs stripped). Edit here, then run: python notebooks/make_notebooks.py"""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+SETUP = '''from pathlib import Path
+import os
+# Run from notebooks/ or from the repository root: find checkpoints/ either way.
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "checkpoints" / "zoo.json").exists())
+CKPT = ROOT / "checkpoints"
+import numpy as np, torch
+import meshprobe as mp
+torch.set_num_threads(1)'''
+
+NOTEBOOKS = {
+    "01_quickstart.ipynb": [
+        new_markdown_cell("# 01 Quickstart: load a bundled model and look at every loop iteration\n\n"
+                          "The bundled zoo (`checkpoints/`) holds a 3-loop recursive family `1+2R3+1` and its 8-layer "
+                          "vanilla. Every unrolled call site has its own TransformerLens hook."),
+        new_code_cell(SETUP),
+        new_code_cell('model = mp.load_checkpoint(CKPT / "loop3-mesh")\ntokenizer = mp.load_tokenizer(CKPT / "loop3-mesh")\n'
+                      'print(model.cfg.layout, model.cfg.variant, model.parameter_counts())\n'
+                      'print(model.state_hook_names())'),
+        new_code_cell('text = "To be, or not to be, that is the question:"\n'
+                      'tokens = torch.tensor([tokenizer.encode(text).ids])\n'
+                      'logits, cache = model.run_with_cache(tokens)\n'
+                      'states = mp.stack_iterations(cache, "hook_state_out")   # h^(1..K): [K, batch, seq, d]\n'
+                      'print(states.shape)'),
+        new_markdown_cell("How far does each loop step move the state, and what does the model predict if we stop "
+                          "early? (`model.readout(h, through_coda=True)` decodes any state through the coda.)"),
+        new_code_cell('from meshprobe.analysis.metrics import relative_update\n'
+                      'for t in range(model.cfg.n_loops):\n'
+                      '    r = relative_update(cache[f"loop.{t}.hook_core_out"][0], cache[f"loop.{t}.hook_state_in"][0])\n'
+                      '    early = model.readout(cache[f"loop.{t}.hook_state_out"], through_coda=True)[0, -1].argmax()\n'
+                      '    print(f"step {t}: relative update {r.item():.3f}, next token if we stopped here: "\n'
+                      '          f"{tokenizer.decode([int(early)])!r}")'),
+        new_markdown_cell("The MeSH routers: which slot does each step write to and read from (mean over tokens)?"),
+        new_code_cell('w = mp.stack_iterations(cache, "mesh.hook_write_weights")[:, 0].mean(1)  # [K, B]\n'
+                      'r = mp.stack_iterations(cache, "mesh.hook_read_weights")[:, 0].mean(1)\n'
+                      'print("write\\n", w.numpy().round(2), "\\nread\\n", r.numpy().round(2))'),
+        new_markdown_cell("Patch one iteration: add noise to the state entering step 1 and watch only later hooks move."),
+        new_code_cell('def noisy(x, hook):\n    return x + 0.5 * torch.randn_like(x)\n'
+                      'patched = model.run_with_hooks(tokens, fwd_hooks=[("loop.1.hook_state_in", noisy)])\n'
+                      'print("max logit change:", (patched - logits).abs().max().item())'),
+    ],
+    "02_diagnose_one_model.ipynb": [
+        new_markdown_cell("# 02 Diagnose one model (the paper's Fig 1)\n\nRelative update per block, RBF-CKA between "
+                          "states and the singular-value spectra of the base recursive model, on the bundled validation "
+                          "sample. Each analysis is a plain function; `analyze_model` streams over samples."),
+        new_code_cell(SETUP),
+        new_code_cell('from meshprobe.analysis.run import analyze_model\nfrom meshprobe.analysis import plots\n'
+                      'tokens = torch.from_numpy(np.load(CKPT / "val_tokens.npy")[:60].astype("int64"))\n'
+                      'base = mp.load_checkpoint(CKPT / "loop3-base")\n'
+                      'm = analyze_model(base, tokens, probes=False, progress=False, name="base")\n'
+                      'for block, mean in zip(m["blocks"], m["update"]["mean"]):\n'
+                      '    print(f"{block:10s} relative update {mean:.3f}")'),
+        new_code_cell('files = plots.plot_model(m, "nb_out/base")\n'
+                      'from IPython.display import Image\nImage(filename="nb_out/base/fig1.png")'),
+        new_code_cell('print("consecutive-loop RBF CKA:", [round(m["cka"]["rbf"]["mean"][i][i + 1], 3) '
+                      'for i in range(1, len(m["states"]) - 2)])\n'
+                      'print("effective rank per state:", dict(zip(m["states"], np.round(m["effective_rank"]["mean"], 1))))'),
+    ],
+    "03_mesh_vs_recursive.ipynb": [
+        new_markdown_cell("# 03 MeSH vs recursive (the paper's Fig 3-5, probes, router maps)\n\n"
+                          "Four variants of the same 3-loop model on the same validation sample."),
+        new_code_cell(SETUP),
+        new_code_cell('from meshprobe.analysis.run import analyze_model\nfrom meshprobe.analysis import plots\n'
+                      'tokens = torch.from_numpy(np.load(CKPT / "val_tokens.npy")[:40].astype("int64"))\n'
+                      'names = ["base", "residual", "anchor", "mesh"]\n'
+                      'metrics = [analyze_model(mp.load_checkpoint(CKPT / f"loop3-{v}"), tokens, probes=(v in ("base", "mesh")),\n'
+                      '                         progress=False, name=v) for v in names]\n'
+                      'plots.plot_comparison(metrics, names, "nb_out/compare")\n'
+                      'from IPython.display import Image\nImage(filename="nb_out/compare/fig3.png")'),
+        new_code_cell('Image(filename="nb_out/compare/fig4.png")'),
+        new_code_cell('Image(filename="nb_out/compare/fig5.png")'),
+        new_markdown_cell("Probes: how much of the current / previous / next token can a linear probe read from each "
+                          "state and memory slot (selectivity = accuracy minus control-task accuracy)?"),
+        new_code_cell('mesh = metrics[-1]\nfor feature, tasks in mesh["probes"]["token"].items():\n'
+                      '    print(f"{feature:8s}", {t: round(v["selectivity"], 3) for t, v in tasks.items()})'),
+        new_code_cell('plots.plot_model(mesh, "nb_out/mesh")\nImage(filename="nb_out/mesh/router.png")'),
+    ],
+    "04_train_your_own.ipynb": [
+        new_markdown_cell("# 04 Train your own tiny model on CPU\n\nThe same code path as `meshprobe train`; here a "
+                          "very small MeSH model for a few steps on the built-in Shakespeare corpus."),
+        new_code_cell('import torch\nimport meshprobe as mp\nfrom meshprobe.train import load_config, train\n'
+                      'torch.set_num_threads(1)\n'
+                      'model_cfg, train_cfg = load_config("tiny", {"variant": "mesh", "d_model": 64, "vocab_size": 1024,\n'
+                      '    "steps": 30, "batch_size": 8, "seq_len": 64, "eval_every": 15, "eval_batches": 4, "save_every": 0})\n'
+                      'summary = train(model_cfg, train_cfg, "nb_out/tiny-mesh", overwrite=True, quiet=True)\n'
+                      'print({k: summary[k] for k in ("status", "step", "val_loss", "val_ppl")})'),
+        new_code_cell('model = mp.load_checkpoint("nb_out/tiny-mesh")\n'
+                      'print(model.parameter_counts())\n'
+                      'import json\nlog = [json.loads(l) for l in open("nb_out/tiny-mesh/train_log.jsonl")]\n'
+                      'print([round(r["loss"], 2) for r in log if r["type"] == "train"])'),
+    ],
+}
+
+for name, cells in NOTEBOOKS.items():
+    nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                             "language": "python"}})
+    nbformat.write(nb, HERE / name)
+    print("wrote", HERE / name)

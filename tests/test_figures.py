@@ -1,0 +1,38 @@
+"""`meshprobe figures` regenerates a subset of figures/ from the bundled checkpoints on CPU."""
+import json
+from pathlib import Path
+
+import pytest
+
+from meshprobe.cli import main
+from meshprobe.figures import variant_summary
+
+CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
+
+
+def test_figures_from_bundled_checkpoints(tmp_path):
+    out = tmp_path / "figures"
+    assert main(["figures", "--checkpoints", str(CHECKPOINTS), "--out", str(out), "--samples", "12",
+                 "--no-probes", "--no-progress"]) == 0
+    for name in ["fig1", "fig6_training", "table1", "comparison/fig3", "comparison/fig4", "comparison/fig5",
+                 "mesh/router"]:
+        assert (out / f"{name}.png").stat().st_size > 5000 and (out / f"{name}.pdf").is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {m["name"] for m in metrics["models"]} >= {"base", "residual", "anchor", "mesh", "vanilla"}
+    assert "Table 1 analogue" in (out / "tables.md").read_text()
+
+
+def test_figures_needs_a_bundle(tmp_path, capsys):
+    assert main(["figures", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    assert "zoo.json" in capsys.readouterr().err
+
+
+def test_variant_summary_paired_differences():
+    rows = [{"group": "g", "variant": v, "seed": s, "layout": "1+2R3+1", "non_embedding_params": 1, "sample_loss": x}
+            for v, s, x in [("base", 0, 5.0), ("base", 1, 5.2), ("mesh", 0, 4.9), ("mesh", 1, 5.0), ("anchor", 0, 5.1)]]
+    summary = {s["variant"]: s for s in variant_summary(rows, "g")}
+    assert summary["mesh"]["paired_diff_vs_base"] == pytest.approx(-0.15)
+    assert summary["mesh"]["paired_se"] == pytest.approx(0.05)  # sd of (-0.1, -0.2) / sqrt(2)
+    assert summary["mesh"]["resolved"] is True  # |-0.15| > 2 * 0.05
+    assert summary["anchor"]["paired_se"] is None and summary["anchor"]["resolved"] is None
+    assert summary["base"]["loss_sd"] == pytest.approx(0.1414, abs=1e-3)
