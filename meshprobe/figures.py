@@ -27,6 +27,7 @@ PAPER_TABLE3 = {3: 9.1231, 4: 9.1003, 5: 9.0944, 6: 9.1088}
 PAPER_TABLE4 = {"vanilla": 9.0675, "base": 9.3542, "anchor": 9.1867, "residual+anchor": 9.2541,
                 "residual+anchor+anchor_emb": 9.2415, "anchor+anchor_emb": 9.1694, "static_comb": 9.1731,
                 "dynamic_comb": 9.1851, "mesh": 9.0944}
+PAPER_TABLE6 = {"loop3-vanilla": 7.4406, "unshared-mesh": 7.2559, "loop3-base": 7.6267, "loop3-mesh": 7.3865}  # 1.4B
 COMPARISON = ["base", "residual", "anchor", "mesh"]  # the paper's Fig 3-5 line-up
 
 
@@ -75,14 +76,21 @@ def table1_markdown(summary: list[dict], tokens: int | None) -> str:
     return "\n".join(lines)
 
 
-def ablation_markdown(rows: list[dict], group: str, key: str, paper: dict, title: str) -> str:
-    runs = [r for r in rows if r["group"] == group and r.get("sample_loss") is not None]
-    if not runs:
+def ablation_markdown(rows: list[dict], group: str, key: str, paper: dict, title: str,
+                      include: tuple[str, ...] = (), note: str = "") -> str:
+    """One ablation table: the runs of `group` plus the main family's (group "loop3") runs of the variants in
+    `include` (e.g. the default-B mesh for Table 3), one row per value of `key`, mean over seeds."""
+    runs = [r for r in rows if r.get("sample_loss") is not None and
+            (r["group"] == group or (r["group"] == "loop3" and r["variant"] in include))]
+    if not any(r["group"] == group for r in runs):
         return f"### {title}\n\nNot in this zoo (the GPU spec `zoo-gpu` has it: `meshprobe zoo --spec zoo-gpu`).\n"
-    lines = [f"### {title}", "", f"| {key} | seeds | loss mean | PPL | paper PPL |", "|---|---|---|---|---|"]
+    lines = [f"### {title}", "", note, "", f"| {key} | run | seeds | loss mean | PPL | paper PPL |",
+             "|---|---|---|---|---|---|"] if note else [
+             f"### {title}", "", f"| {key} | run | seeds | loss mean | PPL | paper PPL |", "|---|---|---|---|---|---|"]
     for value in dict.fromkeys(r[key] for r in runs):
-        losses = [r["sample_loss"] for r in runs if r[key] == value]
-        lines.append(f"| {value} | {len(losses)} | {statistics.fmean(losses):.3f} | "
+        same = [r for r in runs if r[key] == value]
+        losses = [r["sample_loss"] for r in same]
+        lines.append(f"| {value} | {same[0]['name']} | {len(losses)} | {statistics.fmean(losses):.3f} | "
                      f"{math.exp(statistics.fmean(losses)):.1f} | {_fmt(paper.get(value), '.4f')} |")
     return "\n".join(lines) + "\n"
 
@@ -193,9 +201,18 @@ def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.Pat
         if summary:
             plot_table1(summary, tmp)
             tables += ["## Table 1 analogue (3-loop family)", "", table1_markdown(summary, rows[0].get("tokens_seen")), ""]
-        tables += [ablation_markdown(rows, "table3", "mesh_slots", PAPER_TABLE3, "Table 3 analogue: buffer length B"),
-                   ablation_markdown(rows, "table4", "variant", PAPER_TABLE4, "Table 4 analogue: combinations"),
-                   ablation_markdown(rows, "table6", "variant", {}, "Table 6 analogue: MeSH on an unshared model")]
+        single = "Single seed per ablation run: compare against the seed spread of Table 1 before reading a gap."
+        tables += [
+            ablation_markdown(rows, "table3", "mesh_slots", PAPER_TABLE3, "Table 3 analogue: buffer length B",
+                              ("mesh",), single + " Paper: 410M 4+8R2+4 (K = 2, so B = K + 3 = 5); ours K = 3, "
+                              "default B = 6."),
+            ablation_markdown(rows, "table4", "variant", PAPER_TABLE4, "Table 4 analogue: combinations",
+                              ("vanilla", "base", "anchor", "mesh"), single + " Paper: 410M 4+8R2+4."),
+            ablation_markdown(rows, "table6", "name", PAPER_TABLE6, "Table 6 analogue: MeSH on an unshared model",
+                              ("vanilla", "base", "mesh"), single + " unshared-mesh is `1+2+2+2+1` (vanilla+mesh)."),
+            ablation_markdown(rows, "router-init", "name", {}, "Router initialization (not stated in the paper)",
+                              ("mesh",), single + " `normal`: std 0.02 like every linear layer; `zeros`: uniform."),
+        ]
         (tmp / "tables.md").write_text("\n".join(tables))
         doc = {"format": FORMAT, "version": FORMAT_VERSION, "meshprobe_version": meshprobe.__version__,
                "models": metrics, "table1": summary}

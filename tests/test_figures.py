@@ -36,3 +36,14 @@ def test_variant_summary_paired_differences():
     assert summary["mesh"]["resolved"] is True  # |-0.15| > 2 * 0.05
     assert summary["anchor"]["paired_se"] is None and summary["anchor"]["resolved"] is None
     assert summary["base"]["loss_sd"] == pytest.approx(0.1414, abs=1e-3)
+
+
+def test_ablation_table_includes_the_main_family_rows():
+    from meshprobe.figures import ablation_markdown
+
+    rows = [{"group": g, "name": n, "variant": "mesh", "mesh_slots": b, "seed": 0, "sample_loss": x}
+            for g, n, b, x in [("table3", "mesh-B3", 3, 5.1), ("loop3", "loop3-mesh", 6, 5.0), ("loop3", "loop3-mesh", 6, 5.2)]]
+    table = ablation_markdown(rows, "table3", "mesh_slots", {3: 9.1231}, "T3", ("mesh",))
+    assert "| 3 | mesh-B3 | 1 | 5.100 |" in table and "9.1231" in table
+    assert "| 6 | loop3-mesh | 2 | 5.100 |" in table  # default-B runs averaged over their seeds
+    assert "Not in this zoo" in ablation_markdown(rows, "table4", "variant", {}, "T4", ("mesh",))
