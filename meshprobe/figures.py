@@ -209,7 +209,8 @@ def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.Pat
             ablation_markdown(rows, "table4", "variant", PAPER_TABLE4, "Table 4 analogue: combinations",
                               ("vanilla", "base", "anchor", "mesh"), single + " Paper: 410M 4+8R2+4."),
             ablation_markdown(rows, "table6", "name", PAPER_TABLE6, "Table 6 analogue: MeSH on an unshared model",
-                              ("vanilla", "base", "mesh"), single + " unshared-mesh is `1+2+2+2+1` (vanilla+mesh)."),
+                              ("vanilla", "base", "mesh"), single + " unshared-mesh is `1+2+2+2+1` (vanilla+mesh). Paper column: 1.4B "
+                              "(vanilla 24, vanilla+mesh 4+8+8+4, recursive and recursive+mesh 4+8R2+4)."),
             ablation_markdown(rows, "router-init", "name", {}, "Router initialization (not stated in the paper)",
                               ("mesh",), single + " `normal`: std 0.02 like every linear layer; `zeros`: uniform."),
         ]

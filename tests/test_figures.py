@@ -47,3 +47,26 @@ def test_ablation_table_includes_the_main_family_rows():
     assert "| 3 | mesh-B3 | 1 | 5.100 |" in table and "9.1231" in table
     assert "| 6 | loop3-mesh | 2 | 5.100 |" in table  # default-B runs averaged over their seeds
     assert "Not in this zoo" in ablation_markdown(rows, "table4", "variant", {}, "T4", ("mesh",))
+
+
+@pytest.mark.parametrize("spec", ["zoo-cpu", "zoo-gpu"])
+def test_zoo_specs_are_valid(spec):
+    """Every run of both zoo specs builds a valid (ModelConfig, TrainConfig) and the bundle names real runs."""
+    from meshprobe import build_model, zoo
+
+    s = zoo.load_zoo(spec)
+    assert s.bundle_runs and len(s.runs) >= 10
+    for run in s.runs:
+        model_cfg, train_cfg = zoo.run_configs(s, run)
+        assert train_cfg.seed == run.seed and train_cfg.data == "mix"
+        build_model(model_cfg, device="meta")
+    families = {zoo.run_configs(s, r)[0].unrolled_depth for r in s.runs if r.group.startswith("loop")}
+    assert len(families) <= 2  # matched compute: each family shares one unrolled depth
+
+
+def test_bundled_results_cover_the_bundle():
+    results = json.loads((CHECKPOINTS / "results.json").read_text())
+    manifest = json.loads((CHECKPOINTS / "zoo.json").read_text())
+    finished = {r["run"] for r in results["runs"] if r["status"] == "completed"}
+    assert {f"{m['name']}-s0" for m in manifest["models"]} <= finished
+    assert all(r["sample_loss"] > 0 for r in results["runs"])
