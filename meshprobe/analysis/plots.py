@@ -57,7 +57,9 @@ def save_figure(fig, out_dir: str | os.PathLike, stem: str) -> list[Path]:
             final = out_dir / f"{stem}.{fmt}"
             tmp = out_dir / f".{stem}.{fmt}.tmp-{os.getpid()}"
             try:
-                fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight")
+                # no creation date in the PDF, so regenerated figures are byte-identical
+                fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight",
+                            metadata={"CreationDate": None} if fmt == "pdf" else None)
                 os.replace(tmp, final)
             finally:
                 if tmp.exists():
