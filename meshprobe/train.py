@@ -628,6 +628,12 @@ def resolve_device(spec: str, local_rank: int = 0):
     return device
 
 
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def device_name(device) -> str:
     import torch
 
@@ -870,7 +876,9 @@ def _train_locked(model_cfg, train_cfg, out_dir, resume, overwrite, quiet, rank,
     device = resolve_device(train_cfg.device, local_rank)
     show = rank == 0 and not quiet
     own_group = False
-    if world > 1:
+    # Under torchrun the process group is set up even for one process, so `torchrun --nproc_per_node 1`
+    # exercises the DDP + NCCL path on a single GPU.
+    if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
         import torch.distributed as dist
 
         if not dist.is_initialized():
@@ -981,7 +989,7 @@ def _train(model_cfg, train_cfg, out_dir, resuming, saved_config, device, rank, 
 
     fwd_model = torch.compile(model) if cfg.compile else model
     ddp = None
-    if world > 1:
+    if world > 1 or _dist_initialized():
         import inspect
 
         from torch.nn.parallel import DistributedDataParallel
@@ -995,6 +1003,7 @@ def _train(model_cfg, train_cfg, out_dir, resuming, saved_config, device, rank, 
                                       **no_sync_buffers)
         fwd_model = ddp
 
+    ddp_backend = torch.distributed.get_backend() if ddp is not None else None
     counts = model.parameter_counts()
     data_meta = {"spec": cfg.data, "fingerprint": corpus.fingerprint, "train_tokens": int(len(train_tokens)),
                   "val_tokens": int(len(val_tokens)), "tokenizer": tok_source,
@@ -1010,6 +1019,7 @@ def _train(model_cfg, train_cfg, out_dir, resuming, saved_config, device, rank, 
             "wall_time_s": round(prior_wall + time.time() - t_start, 3), "train_loss": last_train.get("loss"),
             "val_loss": last_val.get("val_loss"), "val_ppl": last_val.get("val_ppl"), "val_step": last_val.get("step"),
             "device": dev_name, "world_size": world, "precision": precision, "data": data_meta,
+            "ddp_backend": ddp_backend,
             "parameters": counts, "meshprobe_version": meshprobe.__version__, "torch_version": torch.__version__,
         }
 
