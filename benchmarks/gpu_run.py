@@ -333,9 +333,11 @@ def zoo(run: Run, corpus: str) -> dict | None:
     n_runs = len(ZOO_RUNS) * len(seeds)
     # 1. How many trainings at once? Short runs at two counts that divide the run list evenly.
     counts = [2] if run.dry else [7, 14]
+    if run.concurrency:  # measured before: skip the calibration
+        counts = []
     calib_tokens = 150 * sizes(run.dry)["batch_size"] * sizes(run.dry)["seq_len"] if not run.dry else 64
-    best = None
-    res["calibration"] = []
+    best = {"count": run.concurrency, "tokens_per_s": run.rate} if run.concurrency else None
+    res["calibration"] = [] if best is None else [{"given": best}]
     for count in counts:
         if not run.dry and run.left() < 150:
             break
@@ -452,10 +454,14 @@ def main(argv=None) -> int:
     p.add_argument("--wheels", default=None, help="folder of wheels to install offline first")
     p.add_argument("--corpus", default=None, help="packed corpus (meshprobe data pack); dry: a Shakespeare cut")
     p.add_argument("--parts", default="smoke,throughput,zoo,bundle", help="comma list of parts to run")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="zoo trainings at once, with --rate: skip the calibration (numbers from an earlier run)")
+    p.add_argument("--rate", type=float, default=None, help="total zoo training tokens/s at that concurrency")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.budget_s, args.dry, args.device)
+    run.concurrency, run.rate = args.concurrency, args.rate
     if args.wheels:
         install_wheels(run, Path(args.wheels))
     else:
