@@ -4,7 +4,7 @@
     meshprobe analyze ckpt/base ckpt/anchor ckpt/mesh --out figures/cmp --names base,anchor,mesh --samples 500
 
 Output in DIR: ``metrics.json`` (every number behind every figure; keys documented in
-``meshprobe.analysis.run.METRICS_KEYS``), ``report.md``, and PNG + PDF figures. One checkpoint: ``fig1``
+``meshprobe.analysis.schema.METRICS_KEYS``), ``report.md``, and PNG + PDF figures. One checkpoint: ``fig1``
 (paper Fig 1: update bars, RBF-CKA heatmap, spectra), ``cka_linear``, ``lens``, ``probes`` (unless
 --no-probes), ``router`` (MeSH only). Several checkpoints: ``fig3`` / ``fig4`` / ``fig5`` / ``lens`` side by side,
 and each model's own figures in ``DIR/<name>/``. Everything is written to a temporary folder beside DIR and
@@ -17,16 +17,12 @@ checkpoint's training corpus (or ``--data``), tokenized with the checkpoint's to
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from meshprobe.errors import UserError
 
-DEFAULT_SAMPLES = 500
+DEFAULT_SAMPLES = 500  # = meshprobe.analysis.run.DEFAULT_SAMPLES (not imported: --help stays torch-free)
 DEFAULT_SEQ_LEN = 256
 
 
@@ -55,44 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _safe_name(name: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "model"
-    return safe
-
-
-def _names(args, paths: list[Path]) -> list[str]:
-    if args.names is not None:
-        names = [n.strip() for n in args.names.split(",")]
-        if len(names) != len(paths) or any(not n for n in names):
-            raise UserError(f"--names needs {len(paths)} non-empty comma-separated names, got {args.names!r}")
-        if len({_safe_name(n) for n in names}) != len(names):
-            raise UserError(f"--names must be distinct (as folder names), got {args.names!r}")
-        return names
-    names, seen = [], {}
-    for p in paths:
-        base = p.resolve().name or "model"
-        k = seen.get(base, 0)
-        seen[base] = k + 1
-        names.append(base if k == 0 else f"{base}-{k + 1}")
-    return names
-
-
-def _load_token_file(path: str):
-    import numpy as np
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--tokens: file not found: {p}")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"--tokens {p}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
-    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise UserError(f"--tokens {p}: need a 2-d integer array [N, seq], got "
-                        f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}")
-    return arr
-
-
 def _validate(args) -> None:
     if args.samples is not None and args.samples < 2:
         raise UserError(f"--samples must be at least 2, got {args.samples}")
@@ -110,93 +68,20 @@ def _validate(args) -> None:
         raise UserError("give --tokens or --data, not both")
 
 
-def move_into(tmp: Path, out: Path) -> list[Path]:
-    """Move every file of `tmp` to the same relative path in `out` (metrics.json and report.md last)."""
-    files = sorted((p for p in tmp.rglob("*") if p.is_file()),
-                   key=lambda p: (p.name in ("metrics.json", "report.md"), str(p)))
-    moved = []
-    for f in files:
-        dest = out / f.relative_to(tmp)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(f, dest)
-        moved.append(dest)
-    return moved
-
-
 def run(args: argparse.Namespace) -> int:
     _validate(args)
-    import json
+    from meshprobe.analysis.run import analyze_checkpoints
 
-    import numpy as np
-    import torch
-
-    import meshprobe
-    from meshprobe.analysis import plots, report
-    from meshprobe.analysis.run import FORMAT, FORMAT_VERSION, _default_data_spec, analyze_model, sample_tokens
-    from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
-    from meshprobe.train import resolve_device
-
-    paths = [Path(p) for p in args.checkpoints]
-    configs = [read_checkpoint_config(p) for p in paths]  # fail fast on a bad checkpoint, before any work
-    names = _names(args, paths)
-    device = resolve_device(args.device)
-    token_file = _load_token_file(args.tokens) if args.tokens else None
-    if token_file is not None:
-        n_rows, n_cols = token_file.shape
-        if args.samples is not None and args.samples > n_rows:
-            raise UserError(f"--samples {args.samples} but {args.tokens} has only {n_rows} rows")
-        if args.seq_len is not None and args.seq_len > n_cols:
-            raise UserError(f"--seq-len {args.seq_len} but {args.tokens} has only {n_cols} tokens per row")
-    for p, cfg in zip(paths, configs):
-        n_ctx = cfg["model"]["n_ctx"]
-        want = args.seq_len if args.seq_len is not None else (token_file.shape[1] if token_file is not None else None)
-        if want is not None and want > n_ctx:
-            raise UserError(f"seq-len {want} is above the context of {p} (n_ctx={n_ctx})")
+    def done(res: dict) -> None:
+        print(f"meshprobe analyze: {res['name']}: {res['data']['n_samples']} samples x {res['data']['seq_len']} "
+              f"tokens in {res['data']['seconds']:.1f} s", file=sys.stderr)
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    threads = None if args.threads == 0 else args.threads
-    progress = not args.no_progress
-    results = []
-    for p, cfg, name in zip(paths, configs, names):
-        if token_file is not None:
-            rows = args.samples if args.samples is not None else token_file.shape[0]
-            cols = args.seq_len if args.seq_len is not None else token_file.shape[1]
-            tokens = torch.from_numpy(np.ascontiguousarray(token_file[:rows, :cols]).astype(np.int64))
-            source = f"{args.tokens} (rows 0..{rows - 1}, {cols} tokens)"
-        else:
-            samples = args.samples if args.samples is not None else DEFAULT_SAMPLES
-            seq_len = args.seq_len if args.seq_len is not None else min(DEFAULT_SEQ_LEN, cfg["model"]["n_ctx"])
-            tokens = sample_tokens(p, samples, seq_len, args.seed, data=args.data)
-            spec = args.data if args.data else _default_data_spec(cfg)
-            source = f"validation split of {spec if isinstance(spec, str) else ' + '.join(spec)}"
-        model = load_checkpoint(p, device=device)
-        res = analyze_model(model, tokens, batch_size=args.batch_size, device=device, probes=not args.no_probes,
-                            progress=progress, seed=args.seed, name=name, checkpoint=str(p), source=source,
-                            threads=threads, lens_positions=args.lens_positions or None)
-        results.append(res)
-        print(f"meshprobe analyze: {name}: {res['data']['n_samples']} samples x {res['data']['seq_len']} tokens "
-              f"in {res['data']['seconds']:.1f} s", file=sys.stderr)
-        del model
-
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "meshprobe_version": meshprobe.__version__,
-           "models": results}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        if len(results) == 1:
-            plots.plot_model(results[0], tmp)
-        else:
-            plots.plot_comparison(results, names, tmp)
-            for res, name in zip(results, names):
-                plots.plot_model(res, tmp / _safe_name(name))
-        (tmp / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
-        report.write_report(doc, tmp / "report.md")
-        out.mkdir(parents=True, exist_ok=True)
-        moved = move_into(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    moved = analyze_checkpoints(
+        args.checkpoints, out, names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data,
+        tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
+        probes=not args.no_probes, progress=not args.no_progress, on_result=done)
     figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == out})
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures: "
           f"{', '.join(figs)})")
