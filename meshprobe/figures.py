@@ -19,7 +19,7 @@ from pathlib import Path
 
 from meshprobe.errors import UserError
 
-# The paper's numbers beside ours (paper.md §5): 410M 3+6R3+3 Pile PPL, the diagnostic family.
+# The paper's numbers beside ours (its §5 Tables 1, 3, 4, 6): 410M 3+6R3+3 Pile PPL, the diagnostic family.
 PAPER_TABLE1 = {"vanilla": 9.07, "base": 9.65, "residual": 9.69, "anchor": 9.49, "mesh": 9.35}
 PAPER_TABLE3 = {3: 9.1231, 4: 9.1003, 5: 9.0944, 6: 9.1088}
 PAPER_TABLE4 = {"vanilla": 9.0675, "base": 9.3542, "anchor": 9.1867, "residual+anchor": 9.2541,

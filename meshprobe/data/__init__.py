@@ -37,7 +37,7 @@ from meshprobe.data.tokenizer import (CHUNK_CHARS, DEFAULT_VOCAB_SIZE, EOT_ID, E
 
 __all__ = [
     "VAL_FRACTION", "MIN_DOCS_FOR_DOC_SPLIT", "LINUX_DOC_MAX_BYTES", "FORTUNES_PER_DOC", "WORDNET_SYNSETS_PER_DOC",
-    "EOT_TOKEN", "EOT_ID", "DEFAULT_VOCAB_SIZE",
+    "EOT_TOKEN", "EOT_ID", "DEFAULT_VOCAB_SIZE", "CHUNK_CHARS",
     "Source", "SOURCES", "get_source", "list_sources", "missing_sources", "html_to_text", "PathSource",
     "ShakespeareSource", "BibleSource", "FortunesSource", "WordNetSource", "PythonDocSource", "LinuxDocSource",
     "Corpus", "open_corpus", "load_corpus", "pack",
