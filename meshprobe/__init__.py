@@ -16,7 +16,7 @@ _EXPORTS = {
     "MeshprobeModel": "meshprobe.model",
     "save_checkpoint": "meshprobe.checkpoint",
     "load_checkpoint": "meshprobe.checkpoint",
-    "load_tokenizer": "meshprobe.checkpoint",
+    "load_tokenizer": "meshprobe.data.tokenizer",
     "stack_iterations": "meshprobe.hooks",
 }
 __all__ = sorted(_EXPORTS)

@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from meshprobe._io import make_temp_dir, replace_dir
 from meshprobe.config import ModelConfig
+from meshprobe.data.tokenizer import TOKENIZER_FILE, load_tokenizer  # noqa: F401  (re-exported)
 from meshprobe.errors import UserError
 
 FORMAT = "meshprobe-checkpoint"
 FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
 class CheckpointError(UserError):
@@ -54,10 +55,7 @@ def save_checkpoint(
         "metadata": metadata,
     }
     tensors = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the renamed checkpoint should not be
+    tmp = make_temp_dir(path)
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -69,27 +67,11 @@ def save_checkpoint(
                 raise ValueError(f"extra checkpoint file name {name!r} must be a plain, unreserved file name")
             target = tmp / name
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _replace_dir(new: Path, path: Path) -> None:
-    """Move directory `new` to `path`; an existing `path` is kept aside until the move succeeded."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    try:
-        os.replace(new, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict:
@@ -118,7 +100,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a checkpoint directory and return the model (eval mode, weights cast to `dtype`).
 
-    The checkpoint's config.json is attached as `model.checkpoint_config`; `load_tokenizer` reads the tokenizer.
+    The checkpoint's config.json is attached as `model.checkpoint_config`; `load_tokenizer(path)` reads the tokenizer.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -153,16 +135,3 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     model.reset_rotary()
     model.checkpoint_config = config
     return model.eval()
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's `tokenizers.Tokenizer`, or None when it has no tokenizer.json."""
-    file = Path(path) / TOKENIZER_FILE
-    if not file.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-        raise CheckpointError(f"{file}: unreadable tokenizer ({str(exc).splitlines()[0]})") from None

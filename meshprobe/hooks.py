@@ -1,4 +1,9 @@
-"""Hook-name helpers: stack per-iteration activations, and the hook-name table documented in the README."""
+"""Hook names: the one owner of the state names (h_emb, h^(0..K), h_out and their hooks), the hook-name table
+documented in the README, and helpers to stack per-iteration activations.
+
+The model (:meth:`MeshprobeModel.state_hook_names`) and the analyses (:func:`meshprobe.analysis.collect.state_spec`)
+derive their names from the functions here.
+"""
 from __future__ import annotations
 
 import re
@@ -67,10 +72,50 @@ def stack_iterations(cache: Mapping[str, torch.Tensor], hook: str, n_loops: int 
     return torch.stack([cache[f"loop.{t}.{hook}"] for t in range(n_loops)])
 
 
+MESH_HOOKS = ("hook_write_weights", "hook_read_weights", "hook_memory")
+
+
+def state_hooks(cfg) -> list[tuple[str, str]]:
+    """The states of a model config as ``[(state name, hook name)]`` in forward order.
+
+    Recursive models (every variant with a prelude / loop / coda): the paper's ``h_emb, h^(0), ..., h^(K),
+    h_out`` read from ``hook_embed``, ``loop.0.hook_state_in``, ``loop.{t}.hook_state_out``, ``coda.hook_out``.
+    Vanilla models have no loop: ``h_emb`` and the residual stream after every layer
+    (``blocks.{u}.hook_resid_post``), named ``layer 1`` ... ``layer L-1`` and ``h_out`` for the last one.
+    """
+    if cfg.is_vanilla:
+        L = cfg.unrolled_depth
+        names = ["h_emb"] + [f"layer {u + 1}" for u in range(L - 1)] + ["h_out"]
+        return list(zip(names, ["hook_embed"] + [f"blocks.{u}.hook_resid_post" for u in range(L)]))
+    return recursive_state_hooks(cfg.n_loops)
+
+
+def recursive_state_hooks(n_loops: int) -> list[tuple[str, str]]:
+    """``[(state name, hook name)]`` of a recursive model with K = `n_loops` loop steps."""
+    return ([("h_emb", "hook_embed"), ("h^(0)", "loop.0.hook_state_in")]
+            + [(f"h^({t + 1})", f"loop.{t}.hook_state_out") for t in range(n_loops)] + [("h_out", "coda.hook_out")])
+
+
+def mesh_steps(cfg) -> list[tuple[str, str]]:
+    """MeSH router steps ``[(step name, hook prefix)]``: ("entry", "entry.mesh"), ("loop 1", "loop.0.mesh"), ...;
+    empty for other variants."""
+    if cfg.is_vanilla or cfg.variant != "mesh":
+        return []
+    return [("entry", "entry.mesh")] + [(f"loop {t + 1}", f"loop.{t}.mesh") for t in range(cfg.n_loops)]
+
+
+def state_hook_names(cfg) -> list[str]:
+    """The state-level hooks of a model config (the public contract), in the order they fire."""
+    if cfg.is_vanilla:
+        return ["hook_embed"]
+    mesh = bool(mesh_steps(cfg))
+    names = ["hook_embed", "prelude.hook_out"] + [f"entry.mesh.{m}" for m in MESH_HOOKS if mesh]
+    for t in range(cfg.n_loops):
+        names += [f"loop.{t}.hook_state_in", f"loop.{t}.hook_core_out"]
+        names += [f"loop.{t}.mesh.{m}" for m in MESH_HOOKS if mesh] + [f"loop.{t}.hook_state_out"]
+    return names + ["coda.hook_out"]
+
+
 def states(cache: Mapping[str, torch.Tensor], n_loops: int) -> dict[str, torch.Tensor]:
     """The paper's state sequence h_emb, h^(0), ..., h^(K), h_out from a cache of a recursive model."""
-    out = {"h_emb": cache["hook_embed"], "h^(0)": cache["loop.0.hook_state_in"]}
-    for t in range(n_loops):
-        out[f"h^({t + 1})"] = cache[f"loop.{t}.hook_state_out"]
-    out["h_out"] = cache["coda.hook_out"]
-    return out
+    return {name: cache[hook] for name, hook in recursive_state_hooks(n_loops)}

@@ -340,15 +340,10 @@ class MeshprobeModel(HookedRootModule):
         return {"total": total, "non_embedding": total - embedding, "router": router}
 
     def state_hook_names(self) -> list[str]:
-        """The state-level hooks (the public contract), in the order they fire."""
-        if self.cfg.is_vanilla:
-            return ["hook_embed"]
-        mesh = ["hook_write_weights", "hook_read_weights", "hook_memory"] if self.cfg.variant == "mesh" else []
-        names = ["hook_embed", "prelude.hook_out"] + [f"entry.mesh.{m}" for m in mesh]
-        for t in range(self.cfg.n_loops):
-            names += [f"loop.{t}.hook_state_in", f"loop.{t}.hook_core_out"]
-            names += [f"loop.{t}.mesh.{m}" for m in mesh] + [f"loop.{t}.hook_state_out"]
-        return names + ["coda.hook_out"]
+        """The state-level hooks (the public contract), in the order they fire (:mod:`meshprobe.hooks`)."""
+        from meshprobe.hooks import state_hook_names
+
+        return state_hook_names(self.cfg)
 
     def run_with_cache(self, *args, **kwargs):
         """TransformerLens's run_with_cache, returning an ActivationCache (4.x returns a plain dict)."""

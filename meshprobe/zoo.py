@@ -1,6 +1,6 @@
 """The checkpoint zoo: train a family of matched-compute models from one spec, collect their numbers, bundle.
 
-A zoo spec is a TOML file (presets in meshprobe/configs/zoo-*.toml):
+A zoo spec is a TOML file (bundled specs in meshprobe/configs/zoo/: zoo-cpu, zoo-gpu):
 
     description = "..."
     preset = "cpu-zoo"            # training preset every run starts from ([model] + [train])
@@ -21,20 +21,20 @@ and analyses are directly comparable. Training resumes where a run stopped; fini
 """
 from __future__ import annotations
 
-import json
 import os
 import shlex
-import shutil
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshprobe import _io
 from meshprobe.errors import UserError
 
 RESULTS_FILE = "results.json"
 MANIFEST_FILE = "zoo.json"
 VAL_TOKENS_FILE = "val_tokens.npy"
+ZOO_DIR = Path(__file__).resolve().parent / "configs" / "zoo"
 
 
 @dataclass
@@ -65,10 +65,10 @@ def resolve_zoo(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    preset = Path(__file__).parent / "configs" / f"{name_or_path}.toml"
-    if preset.is_file():
+    preset = ZOO_DIR / f"{name_or_path}.toml"
+    if "/" not in str(name_or_path) and preset.is_file():
         return preset
-    names = sorted(p.stem for p in preset.parent.glob("zoo-*.toml"))
+    names = sorted(p.stem for p in ZOO_DIR.glob("*.toml"))
     raise UserError(f"zoo spec {name_or_path!r} not found; known: {', '.join(names)}")
 
 
@@ -153,25 +153,10 @@ def validation_sample(spec: ZooSpec, out: Path):
         tokenizer = load_tokenizer(out / "tokenizer.json")
         val = tokenize_corpus(open_corpus(train_cfg.data, quiet=True), tokenizer)["val"]
         sample = sample_sequences(val, spec.bundle_samples, spec.bundle_seq_len, seed=0)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
+        with _io.atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.save(fh, sample.astype(np.uint16 if tokenizer.get_vocab_size() <= 65535 else np.uint32),
                     allow_pickle=False)
-        os.replace(tmp, path)
     return np.load(path, allow_pickle=False)
-
-
-def sample_loss(model, tokens, batch_size: int = 50) -> float:
-    """Mean next-token loss of `model` over a token array [N, seq] (every position but the last)."""
-    import torch
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(tokens), batch_size):
-            x = torch.from_numpy(tokens[i:i + batch_size].astype("int64"))
-            total += model(x, return_type="loss").item() * x.numel()
-            count += x.numel()
-    return total / count
 
 
 def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
@@ -180,6 +165,7 @@ def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
     import math
 
     from meshprobe.checkpoint import load_checkpoint
+    from meshprobe.evaluate import sample_loss
 
     sample = validation_sample(spec, out)
     rows = []
@@ -201,7 +187,7 @@ def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
                                         "wall_time_s", "device", "status")},
             "sample_loss": loss, "sample_ppl": math.exp(loss),
         })
-    write_json(out / RESULTS_FILE, {
+    _io.write_json(out / RESULTS_FILE, {
         "spec": str(spec.path.name), "description": spec.description,
         "command": f"meshprobe zoo --spec {spec.path.stem} --out {out}", "runs": rows,
     })
@@ -213,7 +199,8 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
     token sample, the results file and a manifest. Figures regenerate from `dest` alone."""
     import torch
 
-    from meshprobe.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
+    from meshprobe.checkpoint import load_checkpoint, save_checkpoint
+    from meshprobe.data import load_tokenizer
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -223,20 +210,13 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
         model = load_checkpoint(src)
         meta = model.checkpoint_config.get("metadata", {})
         files = {f: (src / f).read_bytes() for f in ("train_log.jsonl",) if (src / f).is_file()}
-        save_checkpoint(model, dest / name, tokenizer=load_tokenizer(src), files=files, dtype=torch.float16, **meta)
+        save_checkpoint(model, dest / name, tokenizer=load_tokenizer(src, missing_ok=True), files=files, dtype=torch.float16, **meta)
         entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant})
     validation_sample(spec, out)
     for name in (VAL_TOKENS_FILE, RESULTS_FILE):
-        shutil.copyfile(out / name, dest / f".{name}.tmp")
-        os.replace(dest / f".{name}.tmp", dest / name)
-    write_json(dest / MANIFEST_FILE, {"spec": spec.path.name, "description": spec.description, "models": entries,
+        _io.copy_file(out / name, dest / name)
+    _io.write_json(dest / MANIFEST_FILE, {"spec": spec.path.name, "description": spec.description, "models": entries,
                                       "val_tokens": VAL_TOKENS_FILE, "results": RESULTS_FILE,
                                       "command": " ".join(shlex.quote(a) for a in ["meshprobe", "zoo", "--spec",
                                                                                    spec.path.stem, "--bundle", str(dest)])})
     return dest
-
-
-def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

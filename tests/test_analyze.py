@@ -244,7 +244,7 @@ def test_failed_run_keeps_previous_results(zoo, tmp_path, monkeypatch):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys, meshprobe.analysis.cli; print('torch' in sys.modules)"
+    code = "import sys, meshprobe.cli.analyze; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False"
 

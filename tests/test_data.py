@@ -193,7 +193,7 @@ def test_tokenizer_round_trip(small_tokenizer, tmp_path):
 
 def test_long_documents_are_encoded_in_pieces(small_tokenizer):
     doc = "".join(_paragraphs(3000))  # ~750 kB: cut into ~100 kB pieces
-    pieces = list(data._pieces(doc))
+    pieces = list(data.tokenizer._pieces(doc))
     assert len(pieces) > 1 and "".join(pieces) == doc and max(map(len, pieces)) <= data.CHUNK_CHARS
     (ids,) = list(data.encode_documents(small_tokenizer, [doc]))
     assert small_tokenizer.decode(ids.tolist()) == doc
@@ -219,7 +219,7 @@ def test_token_cache_is_reused(small_tokenizer, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(data, "encode_documents", boom)
+    monkeypatch.setattr(data.cache, "encode_documents", boom)
     again = data.tokenize_corpus(data.open_corpus(str(tmp_path / "src")), small_tokenizer, cache_dir=cache)
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     np.testing.assert_array_equal(again["train"], arrays["train"])
@@ -345,6 +345,6 @@ def test_cached_tokenizer_trains_once(tmp_path, monkeypatch):
     src = _write(tmp_path / "a.txt", "".join(_paragraphs(40)))
     tok = data.cached_tokenizer(str(src), vocab_size=300, cache_dir=tmp_path / "toks")
     assert len(list((tmp_path / "toks").glob("tokenizer-*.json"))) == 1
-    monkeypatch.setattr(data, "train_tokenizer", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(data.tokenizer, "train_tokenizer", lambda *a, **k: pytest.fail("trained again"))
     again = data.cached_tokenizer(str(src), vocab_size=300, cache_dir=tmp_path / "toks")
     assert again.to_str() == tok.to_str()

@@ -126,7 +126,7 @@ def test_eval_cli_bad_checkpoint(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------- exact resume
 def test_ctrl_c_saves_and_resume_is_exact(env, trained, monkeypatch, capsys):
-    import meshprobe.train as train_mod
+    import meshprobe.train.loop as train_mod
 
     out = env["root"] / "interrupted"
 
@@ -178,7 +178,7 @@ def test_resume_with_other_model_config_is_refused(env, trained, capsys):
 
 # --------------------------------------------------------------------------------------------- NaN
 def test_nan_loss_stops_and_keeps_last_checkpoint(env, monkeypatch, capsys):
-    import meshprobe.train as train_mod
+    import meshprobe.train.loop as train_mod
 
     real = train_mod.compute_loss
     calls = {"n": 0}

@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 
 from meshprobe.errors import UserError
+from meshprobe.hooks import MESH_HOOKS, mesh_steps, state_hooks
 
 __all__ = ["StateSpec", "state_spec", "iter_caches"]
 
@@ -79,35 +80,30 @@ class StateSpec:
         names += [h for _, a, b in self.blocks for h in (a, b)]
         names += [h for _, a, b in self.core_steps for h in (a, b)]
         for _, prefix in self.mesh_steps:
-            names += [f"{prefix}.hook_write_weights", f"{prefix}.hook_read_weights", f"{prefix}.hook_memory"]
+            names += [f"{prefix}.{m}" for m in MESH_HOOKS]
         return list(dict.fromkeys(names))
 
 
 def state_spec(model_or_cfg) -> StateSpec:
-    """The :class:`StateSpec` of a model (or its ``ModelConfig``); see the module docstring for the choices."""
+    """The :class:`StateSpec` of a model (or its ``ModelConfig``); state names come from
+    :func:`meshprobe.hooks.state_hooks`, see the module docstring for the blocks."""
     cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    states = state_hooks(cfg)
+    hooks = [h for _, h in states]
     if cfg.is_vanilla:
-        L = cfg.unrolled_depth
-        names = ["h_emb"] + [f"layer {u + 1}" for u in range(L - 1)] + ["h_out"]
-        hooks = ["hook_embed"] + [f"blocks.{u}.hook_resid_post" for u in range(L)]
-        blocks = [(f"layer {u + 1}", hooks[u], hooks[u + 1]) for u in range(L)]
-        return StateSpec("vanilla", list(zip(names, hooks)), blocks)
+        blocks = [(f"layer {u + 1}", hooks[u], hooks[u + 1]) for u in range(cfg.unrolled_depth)]
+        return StateSpec("vanilla", states, blocks)
     K = cfg.n_loops
-    states = [("h_emb", "hook_embed"), ("h^(0)", "loop.0.hook_state_in")]
-    states += [(f"h^({t + 1})", f"loop.{t}.hook_state_out") for t in range(K)]
-    states += [("h_out", "coda.hook_out")]
-    blocks = [("prelude", "hook_embed", "prelude.hook_out")]
-    blocks += [(f"loop {t + 1}", f"loop.{t}.hook_state_in", f"loop.{t}.hook_core_out") for t in range(K)]
-    blocks += [("coda", f"loop.{K - 1}.hook_state_out", "coda.hook_out")]
     core = [(t, f"loop.{t}.hook_state_in", f"loop.{t}.hook_core_out") for t in range(K)]
-    mesh_steps: list[tuple[str, str]] = []
-    if cfg.variant == "mesh":
-        mesh_steps = [("entry", "entry.mesh")] + [(f"loop {t + 1}", f"loop.{t}.mesh") for t in range(K)]
+    blocks = [("prelude", "hook_embed", "prelude.hook_out")]
+    blocks += [(f"loop {t + 1}", a, b) for t, a, b in core]
+    blocks += [("coda", f"loop.{K - 1}.hook_state_out", "coda.hook_out")]
+    steps = mesh_steps(cfg)
     return StateSpec(
         kind="recursive", states=states, blocks=blocks,
-        loop_states=[f"h^({t + 1})" for t in range(K)], core_steps=core,
-        lens_coda=[f"h^({t})" for t in range(K + 1)], mesh_steps=mesh_steps,
-        n_slots=int(cfg.mesh_slots or 0) if mesh_steps else 0,
+        loop_states=[name for name, _ in states[2:-1]], core_steps=core,
+        lens_coda=[name for name, _ in states[1:-1]], mesh_steps=steps,
+        n_slots=int(cfg.mesh_slots or 0) if steps else 0,
     )
 
 

@@ -28,6 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from meshprobe._io import atomic_path  # noqa: E402
+
 __all__ = ["plot_model", "plot_comparison", "save_figure", "style", "FORMATS"]
 
 FORMATS = ("png", "pdf")
@@ -55,15 +57,10 @@ def save_figure(fig, out_dir: str | os.PathLike, stem: str) -> list[Path]:
     try:
         for fmt in FORMATS:
             final = out_dir / f"{stem}.{fmt}"
-            tmp = out_dir / f".{stem}.{fmt}.tmp-{os.getpid()}"
-            try:
+            with atomic_path(final) as tmp:
                 # no creation date in the PDF, so regenerated figures are byte-identical
                 fig.savefig(tmp, format=fmt, dpi=_DPI, bbox_inches="tight",
                             metadata={"CreationDate": None} if fmt == "pdf" else None)
-                os.replace(tmp, final)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
             paths.append(final)
     finally:
         plt.close(fig)

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from meshprobe._io import write_text
+
 __all__ = ["render_report", "write_report"]
 
 
@@ -134,13 +136,4 @@ def render_report(metrics: Any, names: Sequence[str] | None = None) -> str:
 
 def write_report(metrics: Any, path: str | os.PathLike, names: Sequence[str] | None = None) -> Path:
     """Write :func:`render_report` to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(render_report(metrics, names), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_text(path, render_report(metrics, names))

@@ -5,7 +5,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec", default="zoo-cpu", help="zoo spec: a name in meshprobe/configs (zoo-cpu, zoo-gpu) "
+    parser.add_argument("--spec", default="zoo-cpu", help="zoo spec: a name in meshprobe/configs/zoo (zoo-cpu, zoo-gpu) "
                                                           "or a TOML path (default: zoo-cpu)")
     parser.add_argument("--out", default="runs/zoo", help="directory for the training runs (default: runs/zoo)")
     parser.add_argument("--only", nargs="+", metavar="RUN", help="train only these runs (name or name-sSEED)")

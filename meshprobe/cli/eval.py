@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshprobe.train import evaluate_checkpoint
+    from meshprobe.evaluate import evaluate_checkpoint
 
     data = args.data[0] if args.data and len(args.data) == 1 else args.data
     result = evaluate_checkpoint(args.checkpoint, data_spec=data, batches=args.batches, batch_size=args.batch_size,

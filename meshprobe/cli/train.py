@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+OVERRIDES = True  # unknown --key value arguments arrive as args.overrides (meshprobe.cli.main)
+
 
 def _epilog() -> str:
     import dataclasses
@@ -48,17 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in --out (model, optimizer, schedule, RNG, data position, log)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    # Unknown --key value pairs are the config overrides: keep them instead of letting argparse reject them.
-    parser.allow_abbrev = False
-    original = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        ns, extras = original(args, namespace)
-        ns.overrides = list(getattr(ns, "overrides", None) or []) + list(extras)
-        return ns, []
-
-    parser.parse_known_args = parse_known_args
-    parser.set_defaults(overrides=[])
+    parser.allow_abbrev = False  # --co must not stand for --config: unknown --key value pairs are overrides
 
 
 def build_configs(args: argparse.Namespace):
@@ -89,9 +81,10 @@ def build_configs(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from meshprobe.errors import UserError
-    from meshprobe.train import TrainingDiverged, dist_env, train
+    from meshprobe.runtime import dist_env, dist_env_ok
+    from meshprobe.train import TrainingDiverged, train
 
-    rank = dist_env()[0] if _env_ok() else 0
+    rank = dist_env()[0] if dist_env_ok() else 0
     try:
         model_cfg, train_cfg = build_configs(args)
         summary = train(model_cfg, train_cfg, args.out, resume=args.resume, overwrite=args.overwrite,
@@ -114,8 +107,3 @@ def run(args: argparse.Namespace) -> int:
               f"continue with: meshprobe train --out {summary['out_dir']} --resume", file=sys.stderr)
     return 0
 
-
-def _env_ok() -> bool:
-    import os
-
-    return all(os.environ.get(k, "0").isdigit() for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

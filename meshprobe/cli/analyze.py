@@ -1,0 +1,88 @@
+"""`meshprobe analyze CKPT [CKPT ...] --out DIR`: diagnostics, probes, router maps and lens -> figures + JSON.
+
+    meshprobe analyze checkpoints/tiny-mesh --out figures/tiny-mesh
+    meshprobe analyze ckpt/base ckpt/anchor ckpt/mesh --out figures/cmp --names base,anchor,mesh --samples 500
+
+Output in DIR: ``metrics.json`` (every number behind every figure; keys documented in
+``meshprobe.analysis.schema.METRICS_KEYS``), ``report.md``, and PNG + PDF figures. One checkpoint: ``fig1``
+(paper Fig 1: update bars, RBF-CKA heatmap, spectra), ``cka_linear``, ``lens``, ``probes`` (unless
+--no-probes), ``router`` (MeSH only). Several checkpoints: ``fig3`` / ``fig4`` / ``fig5`` / ``lens`` side by side,
+and each model's own figures in ``DIR/<name>/``. Everything is written to a temporary folder beside DIR and
+moved into DIR only when the whole run succeeded, so earlier results in DIR survive a failed run.
+
+Tokens: ``--samples`` windows of ``--seq-len`` tokens drawn with ``--seed`` from the validation split of the
+checkpoint's training corpus (or ``--data``), tokenized with the checkpoint's tokenizer; or the rows of
+``--tokens FILE.npy`` (an integer array [N, seq]), used as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from meshprobe.errors import UserError
+
+DEFAULT_SAMPLES = 500  # = meshprobe.analysis.run.DEFAULT_SAMPLES (not imported: --help stays torch-free)
+DEFAULT_SEQ_LEN = 256
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (figures, metrics.json, report.md)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"sequences to analyse (default {DEFAULT_SAMPLES}; with --tokens: all rows)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens per sequence (default {DEFAULT_SEQ_LEN}, at most the model context; "
+                             "with --tokens: the file's)")
+    parser.add_argument("--data", nargs="+", metavar="SPEC", default=None,
+                        help="corpus spec to sample from instead of the checkpoint's training corpus "
+                             "(its validation split is used)")
+    parser.add_argument("--tokens", metavar="FILE.npy", default=None,
+                        help="pre-tokenized sequences: an integer .npy array [N, seq]")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and control-task seed (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: fastest on a shared 2-core machine; 0 = torch's default)")
+    parser.add_argument("--lens-positions", type=int, default=64,
+                        help="positions per sample decoded by the lens, evenly spaced (default 64; 0 = all)")
+    parser.add_argument("--no-probes", action="store_true", help="skip the linear probes")
+    parser.add_argument("--names", default=None, help="comma-separated display names, one per checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _validate(args) -> None:
+    if args.samples is not None and args.samples < 2:
+        raise UserError(f"--samples must be at least 2, got {args.samples}")
+    if args.seq_len is not None and args.seq_len < 4:
+        raise UserError(f"--seq-len must be at least 4, got {args.seq_len}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 0, got {args.threads}")
+    if args.lens_positions < 0:
+        raise UserError(f"--lens-positions must be >= 0, got {args.lens_positions}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.tokens and args.data:
+        raise UserError("give --tokens or --data, not both")
+
+
+def run(args: argparse.Namespace) -> int:
+    _validate(args)
+    from meshprobe.analysis.run import analyze_checkpoints
+
+    def done(res: dict) -> None:
+        print(f"meshprobe analyze: {res['name']}: {res['data']['n_samples']} samples x {res['data']['seq_len']} "
+              f"tokens in {res['data']['seconds']:.1f} s", file=sys.stderr)
+
+    out = Path(args.out)
+    moved = analyze_checkpoints(
+        args.checkpoints, out, names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data,
+        tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
+        probes=not args.no_probes, progress=not args.no_progress, on_result=done)
+    figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == out})
+    print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures: "
+          f"{', '.join(figs)})")
+    return 0

@@ -1,0 +1,122 @@
+"""The one loss path: mean next-token cross-entropy, used by training, validation, `meshprobe eval`, the zoo's
+shared-sample loss and the analysis lens.
+
+    loss = compute_loss(model, x, y)                    # a training step's loss (x, y from get_batch)
+    val_loss, n = evaluate(model, val_tokens, batch_size, seq_len, max_batches, device)
+    result = evaluate_checkpoint("checkpoints/tiny")    # `meshprobe eval`
+
+The cross-entropy is always computed in fp32 from the logits (:func:`token_loss`). The model's own
+``forward(return_type="loss")`` (TransformerLens's convention) computes the same number for a token tensor.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meshprobe.errors import UserError
+from meshprobe.runtime import all_reduce_, autocast_for, resolve_device
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (fp32) of logits [..., vocab] against targets [...] (flattened over all leading dims)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction)
+
+
+def compute_loss(model, x, y):
+    """Mean next-token cross-entropy (fp32) of model(x) against targets y."""
+    return token_loss(model(x), y)
+
+
+def ppl(loss: float) -> float:
+    """Perplexity exp(loss) (inf past float range)."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def evaluate(model, tokens, batch_size: int, seq_len: int, max_batches: int, device, precision: str = "auto",
+             rank: int = 0, world_size: int = 1, chunk: int | None = None) -> tuple[float, int]:
+    """(mean loss, tokens) over the first `max_batches` validation batches (:func:`meshprobe.data.eval_batches`).
+
+    The windows evaluated depend only on (batch_size, seq_len, max_batches): under DDP every rank takes a
+    contiguous share of each batch's rows (sums all-reduced), and `chunk` caps the rows per forward pass.
+    """
+    from meshprobe.data import eval_batches
+
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for x, y in eval_batches(tokens, batch_size, seq_len, max_batches):
+            rows = np.array_split(np.arange(len(x)), world_size)[rank]
+            step = chunk or max(1, len(rows))
+            for a in range(0, len(rows), step):
+                xb = torch.from_numpy(x[rows[a:a + step]]).to(device)
+                yb = torch.from_numpy(y[rows[a:a + step]]).to(device)
+                with autocast_for(device, precision):
+                    logits = model(xb)
+                total[0] += token_loss(logits, yb, reduction="sum").double()
+                total[1] += yb.numel()
+    all_reduce_(total, world_size)
+    model.train(was_training)
+    loss_sum, count = total.tolist()
+    return (loss_sum / count if count else float("nan")), int(count)
+
+
+def sample_loss(model, tokens: np.ndarray, batch_size: int = 50) -> float:
+    """Mean next-token loss of `model` over a token array [N, seq] (every position but the last predicts the
+    next token; every sequence weighs the same)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch_size):
+            x = torch.from_numpy(tokens[i:i + batch_size].astype("int64"))
+            total += token_loss(model(x)[:, :-1], x[:, 1:]).item() * x.numel()
+            count += x.numel()
+    return total / count
+
+
+def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] | None = None,
+                        batches: int | None = None, batch_size: int | None = None, seq_len: int | None = None,
+                        device: str = "auto", split: str = "val") -> dict:
+    """Validation loss and perplexity of a checkpoint with its own tokenizer.
+
+    Defaults come from the checkpoint's train metadata: the corpus (`data`), seq_len, batch_size and
+    eval_batches (falling back to n_ctx, 16 and 50). Returns dict(checkpoint, data, split, loss, ppl, tokens,
+    batches, batch_size, seq_len, step).
+    """
+    from meshprobe import data
+    from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
+    from meshprobe.data.tokenizer import load_tokenizer
+
+    config = read_checkpoint_config(path)
+    meta = config.get("metadata", {}) or {}
+    tcfg = meta.get("train", {}) or {}
+    tokenizer = load_tokenizer(path, missing_ok=True)
+    if tokenizer is None:
+        raise UserError(f"{path} has no tokenizer.json; cannot tokenize evaluation text")
+    spec = data_spec if data_spec else tcfg.get("data", "shakespeare")
+    n_ctx = config["model"]["n_ctx"]
+    seq_len = seq_len or tcfg.get("seq_len") or n_ctx
+    if seq_len > n_ctx:
+        raise UserError(f"seq_len {seq_len} is above the model context n_ctx={n_ctx}")
+    batch_size = batch_size or tcfg.get("batch_size") or 16
+    batches = batches if batches is not None else (tcfg.get("eval_batches") or 50)
+    if batches < 1 or batch_size < 1 or seq_len < 1:
+        raise UserError("batches, batch size and seq_len must be positive")
+    if split not in ("train", "val"):
+        raise UserError(f"split must be train or val, not {split!r}")
+    dev = resolve_device(device)
+    if tokenizer.get_vocab_size() > config["model"]["vocab_size"]:
+        raise UserError(f"{path}: tokenizer larger than the model vocabulary")
+    corpus = data.open_corpus(spec)
+    tokens = data.tokenize_corpus(corpus, tokenizer)[split]
+    if len(tokens) < seq_len + 1:
+        raise UserError(f"data {corpus.name}: only {len(tokens)} {split} tokens, need at least {seq_len + 1}")
+    model = load_checkpoint(path, device=dev)
+    loss, n = evaluate(model, tokens, batch_size, seq_len, batches, dev, "auto")
+    return {"checkpoint": str(path), "data": spec, "split": split, "loss": loss, "ppl": ppl(loss), "tokens": n,
+            "batches": min(batches, math.ceil(((len(tokens) - 1) // seq_len) / batch_size)),
+            "batch_size": batch_size, "seq_len": seq_len, "step": meta.get("step")}

@@ -1,0 +1,145 @@
+"""The training state of a checkpoint: optimizer and RNG states, the step, the training log. Nothing is pickled.
+
+Files beside the model in a training checkpoint (:mod:`meshprobe.checkpoint` writes them atomically):
+
+==========================  ================================================================================
+``optimizer.safetensors``   AdamW state tensors, keys ``state.{param index}.{exp_avg|exp_avg_sq|step}``
+``rng.safetensors``         torch CPU (and CUDA) generator states as uint8 tensors, numpy's MT19937 key
+``training_state.json``     step, param names per index, param_groups, the partial loss-logging window,
+                            python/numpy RNG scalars, wall time, last validation figures
+``train_log.jsonl``         one JSON object per logged event; appended live between checkpoints
+==========================  ================================================================================
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load, save
+
+from meshprobe import _io
+from meshprobe.errors import UserError
+
+LOG_FILE = "train_log.jsonl"
+STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FORMAT = "meshprobe-train-state"
+STATE_VERSION = 1
+
+
+_POLICY_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def optimizer_state_files(optimizer, param_names: list[str]) -> tuple[bytes, dict]:
+    """Flatten an optimizer state dict: tensors -> safetensors bytes (``state.{i}.{key}``), the rest -> JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"state.{idx}.{key}"] = value
+    meta = {"param_names": param_names, "param_groups": sd["param_groups"], "scalars": scalars}
+    return save(tensors), meta
+
+
+def load_optimizer_state(optimizer, tensor_bytes: bytes, meta: dict, param_names: list[str]) -> None:
+    if meta["param_names"] != param_names:
+        raise UserError("the checkpoint's optimizer state does not match the model's parameters")
+    tensors = load(tensor_bytes)
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    if len(meta["param_groups"]) != len(optimizer.param_groups):
+        raise UserError("the checkpoint's optimizer has a different number of parameter groups")
+    groups = []
+    for saved, current in zip(meta["param_groups"], optimizer.param_groups, strict=True):
+        g = dict(saved)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        for key in _POLICY_KEYS:  # implementation choices follow this machine, not the saving one
+            if key in current:
+                g[key] = current[key]
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state_files(device) -> tuple[bytes, dict]:
+    """RNG states: torch CPU/CUDA generators and numpy's MT19937 key as tensors; python's state as JSON."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [py_version, list(py_state), py_gauss]}
+    return save(tensors), meta
+
+
+def load_rng_state(tensor_bytes: bytes, meta: dict, device) -> None:
+    tensors = load(tensor_bytes)
+    torch.set_rng_state(tensors["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["torch_cuda"], device)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    py_version, py_state, py_gauss = meta["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+
+
+def read_log(path: Path, max_step: int | None = None) -> list[dict]:
+    """Records of a train_log.jsonl, keeping those with step <= max_step; stops at a torn last line."""
+    return _io.read_jsonl(path, max_step)
+
+
+def read_state(out_dir: Path) -> dict:
+    """The training_state.json of a checkpoint (UserError if this version cannot read it)."""
+    state = json.loads((out_dir / STATE_FILE).read_text())
+    if state.get("format") != STATE_FORMAT or state.get("version", 0) > STATE_VERSION:
+        raise UserError(f"{out_dir / STATE_FILE}: not a meshprobe training state this version can read")
+    return state
+
+
+def read_state_step(out_dir: Path) -> int | None:
+    """The step of the checkpoint currently in out_dir (None if unreadable)."""
+    try:
+        return int(json.loads((Path(out_dir) / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Validate the output directory before anything is written; return True when resuming an existing run."""
+    if resume and overwrite:
+        raise UserError("use --resume or --overwrite, not both")
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise UserError(f"output path {out_dir} exists and is not a directory")
+    if resume:
+        if not _is_checkpoint(out_dir):
+            raise UserError(f"cannot resume: {out_dir} is not a meshprobe checkpoint (no config.json)")
+        missing = [f for f in (STATE_FILE, OPTIMIZER_FILE, RNG_FILE) if not (out_dir / f).is_file()]
+        if missing:
+            raise UserError(f"cannot resume: {out_dir} has no training state (missing {', '.join(missing)})")
+        return True
+    if overwrite:
+        if not _is_checkpoint(out_dir) and any(out_dir.iterdir()):
+            raise UserError(f"refusing to overwrite {out_dir}: it is not a meshprobe checkpoint and not empty")
+        return False
+    raise UserError(f"output directory {out_dir} exists; pass --resume to continue it or --overwrite to replace it")
+
+
+def describe_diff(a: dict, b: dict) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {b.get(k)!r} in the checkpoint vs {a.get(k)!r}" for k in keys[:4])
