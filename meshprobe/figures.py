@@ -21,7 +21,8 @@ from meshprobe.errors import UserError
 
 # The paper's numbers beside ours (its §5 Tables 1, 3, 4, 6): 410M 3+6R3+3 Pile PPL, the diagnostic family.
 PAPER_TABLE1 = {"vanilla": 9.07, "base": 9.65, "residual": 9.69, "anchor": 9.49, "mesh": 9.35}
-PAPER_TABLE3 = {3: 9.1231, 4: 9.1003, 5: 9.0944, 6: 9.1088}
+PAPER_TABLE3 = {3: 9.1231, 4: 9.1003, 5: 9.0944, 6: 9.1088}  # by B, at the paper's K = 2
+PAPER_TABLE3_K = 2
 PAPER_TABLE4 = {"vanilla": 9.0675, "base": 9.3542, "anchor": 9.1867, "residual+anchor": 9.2541,
                 "residual+anchor+anchor_emb": 9.2415, "anchor+anchor_emb": 9.1694, "static_comb": 9.1731,
                 "dynamic_comb": 9.1851, "mesh": 9.0944}
@@ -32,14 +33,24 @@ COMPARISON = ["base", "residual", "anchor", "mesh"]  # the paper's Fig 3-5 line-
 # --------------------------------------------------------------------------------------------------------
 # Tables: plain functions on results rows
 # --------------------------------------------------------------------------------------------------------
+def label(name: str | None, variant: str = "") -> str:
+    """A zoo model's display name: its run name without the family prefix ("loop3-vanilla_scaled" ->
+    "vanilla_scaled"), so two models of one variant (vanilla with and without scaled embeddings) stay apart;
+    the variant when there is no name."""
+    if not name:
+        return variant
+    return name.split("-", 1)[1] if name.startswith("loop") and "-" in name else name
+
+
 def variant_summary(rows: list[dict], group: str, loss_key: str = "sample_loss") -> list[dict]:
-    """Per variant of a group: seeds, loss mean / sd, perplexity of the mean loss, and the paired (same seed)
-    difference to base with its standard error. A gap is 'resolved' only when |mean| > 2 s.e."""
+    """Per model of a group (runs of one name over seeds): seeds, loss mean / sd, perplexity of the mean loss,
+    and the paired (same seed) difference to base with its standard error. A gap is 'resolved' only when
+    |mean| > 2 s.e. The row's "variant" is the model's label (see `label`)."""
     rows = [r for r in rows if r["group"] == group and r.get(loss_key) is not None]
-    base = {r["seed"]: r[loss_key] for r in rows if r["variant"] == "base"}
+    base = {r["seed"]: r[loss_key] for r in rows if label(r.get("name"), r["variant"]) == "base"}
     out = []
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        runs = [r for r in rows if r["variant"] == variant]
+    for variant in dict.fromkeys(label(r.get("name"), r["variant"]) for r in rows):
+        runs = [r for r in rows if label(r.get("name"), r["variant"]) == variant]
         losses = [r[loss_key] for r in runs]
         diffs = [r[loss_key] - base[r["seed"]] for r in runs if r["seed"] in base] if variant != "base" else []
         se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) >= 2 else None
@@ -52,6 +63,25 @@ def variant_summary(rows: list[dict], group: str, loss_key: str = "sample_loss")
             "resolved": None if se is None else abs(mean_diff) > 2 * se,
         })
     return out
+
+
+def table3_markdown(rows: list[dict], note: str) -> str:
+    """Table 3 (buffer length B), rows paired with the paper's by scratch slots B - K - 1 (slots beyond h_emb
+    and the K + 1 writes), because our K = 3 while the paper's is 2: the paper's B = 5 pairs with our B = 6."""
+    runs = [dict(r, scratch=r["mesh_slots"] - loops(r["layout"]) - 1) for r in rows if r.get("sample_loss") is not None
+            and r.get("mesh_slots") and (r["group"] == "table3" or (r["group"] == "loop3" and r["variant"] == "mesh"))]
+    runs.sort(key=lambda r: r["scratch"])
+    paper = {b - PAPER_TABLE3_K - 1: ppl for b, ppl in PAPER_TABLE3.items()}
+    text = ablation_markdown(runs, "table3", "scratch", paper, "Table 3 analogue: buffer length B, aligned by "
+                             "scratch slots B − K − 1", ("mesh",), note + " Paper: 410M 4+8R2+4 (K = 2, B = 3..6 = "
+                             "scratch 0..3); ours K = 3 (B = 4..7 = scratch 0..3; B = 3 has no scratch row there).")
+    return text.replace("| scratch | run |", "| scratch slots | run |")
+
+
+def loops(layout: str) -> int:
+    """K of a looped layout ("1+2R3+1" -> 3); 0 for a plain stack."""
+    core = next((part for part in layout.split("+") if "R" in part), None)
+    return int(core.split("R")[1]) if core else 0
 
 
 def _fmt(x, spec=".3f"):
@@ -96,19 +126,38 @@ def ablation_markdown(rows: list[dict], group: str, key: str, paper: dict, title
 # --------------------------------------------------------------------------------------------------------
 # Figures that are not analyses of one model: training curves (Fig 6) and the Table 1 bars
 # --------------------------------------------------------------------------------------------------------
-def plot_training_curves(logs: dict[str, list[dict]], out_dir: Path) -> list[Path]:
-    """Fig 6 analogue: training loss against tokens seen (log x) and validation loss, one line per model."""
+def eval_settings_agree(configs: dict[str, dict]) -> bool:
+    """True when every run evaluated the same validation windows (same data, tokenizer, batch, seq_len and
+    eval_batches: the windows are a pure function of these), so their in-log validation losses compare."""
+    keys = ("data", "batch_size", "seq_len", "eval_batches", "tokenizer")
+    seen = {json.dumps([c.get("metadata", {}).get("train", {}).get(k) for k in keys]) for c in configs.values()}
+    return len(seen) == 1
+
+
+def plot_training_curves(logs: dict[str, list[dict]], out_dir: Path, final: dict[str, float] | None = None,
+                         comparable: bool = True) -> list[Path]:
+    """Fig 6 analogue: training loss against tokens seen (log x) and in-log validation loss, one line per model.
+    The in-log curves compare across runs only when every run evaluated the same windows (`comparable`); the
+    title says which. `final` (model -> loss on the shared validation sample, the Table 1 number) is drawn as a
+    star at the last step, so panel (b) always carries the comparable number too."""
     from meshprobe.analysis.plots import plt, save_figure, style
 
+    final = final or {}
     with style():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         for name, records in logs.items():
             train = [r for r in records if r.get("type") == "train"]
             val = [r for r in records if r.get("type") == "eval"]
             axes[0].plot([r["tokens"] for r in train], [r["loss"] for r in train], label=name, lw=1.2)
-            axes[1].plot([r["tokens"] for r in val], [r["val_loss"] for r in val], marker="o", label=name, lw=1.2)
+            line, = axes[1].plot([r["tokens"] for r in val], [r["val_loss"] for r in val], marker="o", label=name,
+                                 lw=1.2)
+            if name in final and train:
+                axes[1].plot([train[-1]["tokens"]], [final[name]], marker="*", ms=11, color=line.get_color())
+        what = ("in-log: the same windows for every run" if comparable
+                else "in-log windows differ between runs: compare the stars")
         axes[0].set(xscale="log", xlabel="tokens seen", ylabel="training loss", title="(a) training loss")
-        axes[1].set(xlabel="tokens seen", ylabel="validation loss", title="(b) validation loss")
+        axes[1].set(xlabel="tokens seen", ylabel="validation loss",
+                    title=f"(b) validation loss ({what}; ★ shared sample)")
         axes[0].legend()
         fig.tight_layout()
         return save_figure(fig, out_dir, "fig6_training")
@@ -161,9 +210,7 @@ def tables_markdown(results: dict, root: Path) -> tuple[str, list[dict]]:
         tables += ["## Table 1 analogue (3-loop family)", "", table1_markdown(summary, rows[0].get("tokens_seen")), ""]
     single = "Single seed per ablation run: compare against the seed spread of Table 1 before reading a gap."
     tables += [
-        ablation_markdown(rows, "table3", "mesh_slots", PAPER_TABLE3, "Table 3 analogue: buffer length B",
-                          ("mesh",), single + " Paper: 410M 4+8R2+4 (K = 2, so B = K + 3 = 5); ours K = 3, "
-                          "default B = 6."),
+        table3_markdown(rows, single),
         ablation_markdown(rows, "table4", "variant", PAPER_TABLE4, "Table 4 analogue: combinations",
                           ("vanilla", "base", "anchor", "mesh"), single + " Paper: 410M 4+8R2+4."),
         ablation_markdown(rows, "table6", "name", PAPER_TABLE6, "Table 6 analogue: MeSH on an unshared model",
@@ -190,7 +237,7 @@ def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.Pat
     manifest, tokens, results = load_bundle(root)
     tokens = torch.from_numpy(tokens[:samples].astype("int64"))
     names = [m["name"] for m in manifest["models"]]
-    variants = {m["name"]: m["variant"] for m in manifest["models"]}
+    variants = {m["name"]: label(m["name"]) for m in manifest["models"]}
     metrics = []
     for name in names:
         model = load_checkpoint(root / name)
@@ -208,7 +255,11 @@ def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.Pat
         for m in metrics:
             plots.plot_model(m, tmp / m["name"])
         logs = {variants[n]: read_jsonl(root / n / "train_log.jsonl") for n in names}
-        plot_training_curves({k: v for k, v in logs.items() if v}, tmp)
+        configs = {variants[n]: json.loads((root / n / "config.json").read_text()) for n in names}
+        final = {label(r.get("name"), r["variant"]): r["sample_loss"] for r in results.get("runs", [])
+                 if r.get("seed") == 0 and r.get("sample_loss") is not None}
+        plot_training_curves({k: v for k, v in logs.items() if v}, tmp, final=final,
+                             comparable=eval_settings_agree(configs))
         if summary:
             plot_table1(summary, tmp)
         (tmp / "tables.md").write_text(tables, encoding="utf-8")

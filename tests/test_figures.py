@@ -38,6 +38,24 @@ def test_variant_summary_paired_differences():
     assert summary["base"]["loss_sd"] == pytest.approx(0.1414, abs=1e-3)
 
 
+def test_variant_summary_keeps_two_models_of_one_variant_apart():
+    rows = [{"group": "loop3", "name": n, "variant": "vanilla", "seed": 0, "layout": "8", "non_embedding_params": 1,
+             "sample_loss": x} for n, x in [("loop3-vanilla", 5.0), ("loop3-vanilla_scaled", 4.0)]]
+    summary = {s["variant"]: s["loss_mean"] for s in variant_summary(rows, "loop3")}
+    assert summary == {"vanilla": 5.0, "vanilla_scaled": 4.0}
+
+
+def test_table3_pairs_rows_by_scratch_slots():
+    """Our K = 3 against the paper's K = 2: our B = 6 (2 scratch slots) sits beside the paper's B = 5."""
+    from meshprobe.figures import PAPER_TABLE3, table3_markdown
+
+    rows = [{"group": g, "name": n, "variant": "mesh", "layout": "1+2R3+1", "mesh_slots": b, "seed": 0,
+             "sample_loss": 5.0} for g, n, b in [("table3", "loop3-mesh-B4", 4), ("loop3", "loop3-mesh", 6)]]
+    table = table3_markdown(rows, "")
+    assert f"| 2 | loop3-mesh | 1 | 5.000 | 148.4 | {PAPER_TABLE3[5]:.4f} |" in table
+    assert f"| 0 | loop3-mesh-B4 | 1 | 5.000 | 148.4 | {PAPER_TABLE3[3]:.4f} |" in table
+
+
 def test_ablation_table_includes_the_main_family_rows():
     from meshprobe.figures import ablation_markdown
 
@@ -49,7 +67,7 @@ def test_ablation_table_includes_the_main_family_rows():
     assert "Not in this zoo" in ablation_markdown(rows, "table4", "variant", {}, "T4", ("mesh",))
 
 
-@pytest.mark.parametrize("spec", ["zoo-cpu", "zoo-gpu"])
+@pytest.mark.parametrize("spec", ["zoo-cpu", "zoo-gpu", "zoo-gpu-d128"])
 def test_zoo_specs_are_valid(spec):
     """Every run of both zoo specs builds a valid (ModelConfig, TrainConfig) and the bundle names real runs."""
     from meshprobe import build_model, zoo
