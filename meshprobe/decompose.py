@@ -56,7 +56,7 @@ class LoopedActivationCache(ActivationCache):
     """TransformerLens's ActivationCache for meshprobe models. All methods are TL's own; the residual-sum
     helpers first check that no loop-step mix lies in the layers they sum over (see the module docstring)."""
 
-    def _refuse(self, call: str, layer, bad: int | None) -> None:
+    def _refuse(self, call: str, layer, bad: int | None, heads: bool = False) -> None:
         if bad is None:
             return
         cfg = self.model.cfg
@@ -64,7 +64,8 @@ class LoopedActivationCache(ActivationCache):
         raise LoopedResidualError(
             f"cache.{call}(layer={layer}) assumes a plain residual sum, but in this {cfg.variant} looped model "
             f"{where} is a loop-step mix (carried state / anchor / MeSH read), not the previous layer's output; "
-            f"use meshprobe.decompose.decompose_looped(cache, layer={layer}) (per step: state_parts(cache, t))")
+            f"use meshprobe.decompose.decompose_looped(cache, layer={layer}{', heads=True' if heads else ''}) "
+            "(per step: state_parts(cache, t))")
 
     def _layer(self, layer) -> int:
         return self.model.cfg.n_layers if layer is None or layer == -1 else layer
@@ -74,21 +75,23 @@ class LoopedActivationCache(ActivationCache):
         return super().decompose_resid(layer, *args, **kwargs)
 
     def get_full_resid_decomposition(self, layer=None, *args, **kwargs):
-        self._refuse("get_full_resid_decomposition", layer, _first_bad(self.model.cfg, 0, self._layer(layer)))
+        self._refuse("get_full_resid_decomposition", layer, _first_bad(self.model.cfg, 0, self._layer(layer)), True)
         return super().get_full_resid_decomposition(layer, *args, **kwargs)
 
     def _check_stack(self, call: str, layer, apply_ln: bool) -> None:
         # Components of layers < L are summands of resid_post[L-1] unless a mix lies in 1..L-1; the LN scale
         # (apply_ln) and the final residual (L = n_layers) also need the input of L itself to be plain.
         L, n = self._layer(layer), self.model.cfg.n_layers
-        self._refuse(call, layer, _first_bad(self.model.cfg, 1, L if (apply_ln or L == n) else L - 1))
+        self._refuse(call, layer, _first_bad(self.model.cfg, 1, L if (apply_ln or L == n) else L - 1), heads=True)
 
     def stack_head_results(self, layer=-1, *args, **kwargs):
-        self._check_stack("stack_head_results", layer, kwargs.get("apply_ln", False))
+        apply_ln = args[3] if len(args) > 3 else kwargs.get("apply_ln", False)  # TL's positional order
+        self._check_stack("stack_head_results", layer, apply_ln)
         return super().stack_head_results(layer, *args, **kwargs)
 
     def stack_neuron_results(self, layer, *args, **kwargs):
-        self._check_stack("stack_neuron_results", layer, kwargs.get("apply_ln", False))
+        apply_ln = args[4] if len(args) > 4 else kwargs.get("apply_ln", False)
+        self._check_stack("stack_neuron_results", layer, apply_ln)
         return super().stack_neuron_results(layer, *args, **kwargs)
 
     def accumulated_resid(self, layer=None, *args, **kwargs):

@@ -21,7 +21,8 @@ HOOK_TABLE: list[tuple[str, str, str]] = [
     ("loop.{t}.mesh.hook_memory", "all B slots after step t's write (MeSH)", "[batch, B, seq, d]"),
     ("loop.{t}.hook_state_out", "h^(t+1), the state leaving loop step t", "[batch, seq, d]"),
     ("coda.hook_out", "h_out, the coda output before the final LayerNorm (recursive models)", "[batch, seq, d]"),
-    ("blocks.{u}.hook_resid_pre", "input of unrolled layer u", "[batch, seq, d]"),
+    ("blocks.{u}.hook_resid_pre", "input of unrolled layer u (a copy: patching it changes only this layer's "
+     "input, not the loop state that routers / carry / anchor also read)", "[batch, seq, d]"),
     ("blocks.{u}.ln1.hook_scale", "sqrt(var + eps) of the attention LayerNorm's input (hooking it leaves the fused LN)",
      "[batch, seq, 1]"),
     ("blocks.{u}.ln1.hook_normalized", "attention LayerNorm output", "[batch, seq, d]"),

@@ -141,7 +141,10 @@ class NeoXLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, hooks: LayerHooks) -> torch.Tensor:
-        x = run_hook(hooks.hook_resid_pre, x)
+        if attached([hooks.hook_resid_pre]):
+            # A copy: the input may also be the loop state (read by routers / carried / anchored), and an
+            # in-place patch of this layer's input must not leak into those (TL's patch setters edit in place).
+            x = hooks.hook_resid_pre(x.clone())
         attn_out = run_hook(hooks.hook_attn_out, self.attn(layer_norm(self.ln_attn, x, hooks.ln1), cos, sin, hooks.attn))
         mlp_out = run_hook(hooks.hook_mlp_out, self.mlp(layer_norm(self.ln_mlp, x, hooks.ln2), hooks.mlp))
         return run_hook(hooks.hook_resid_post, x + attn_out + mlp_out)
