@@ -38,12 +38,17 @@ class BoundHooks(nn.Module):
         for name in self.HOOKS:
             setattr(self, name, HookPoint())
         object.__setattr__(self, "_weights", None)
+        object.__setattr__(self, "_hook_list", tuple(getattr(self, n) for n in self.HOOKS))
 
     def bind(self, module: nn.Module) -> None:
         object.__setattr__(self, "_weights", module)  # a plain attribute: no submodule, no state_dict entry
 
     def active(self) -> bool:
-        return attached([getattr(self, n) for n in self.HOOKS])
+        """True when any hook of this call site is attached (a loop over plain dicts: idle cost ~1 us)."""
+        for h in self._hook_list:
+            if h._forward_hooks or h._backward_hooks:
+                return True
+        return False
 
 
 class AttnHooks(BoundHooks):
@@ -104,7 +109,7 @@ class HookedLayerNorm(nn.LayerNorm):
         super().__init__(d, eps=eps)
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
-        self.HOOKS = ("hook_scale", "hook_normalized")
+        object.__setattr__(self, "_hook_list", (self.hook_scale, self.hook_normalized))
 
     active = BoundHooks.active
     w = property(lambda self: self.weight)
