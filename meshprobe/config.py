@@ -193,11 +193,26 @@ class ModelConfig:
     def supplement_terms(self) -> frozenset[str]:
         return parse_variant(self.variant)[1]
 
-    # TransformerLens reads these off `model.cfg` in a few ActivationCache helpers.
+    @property
+    def rotary_dim(self) -> int:  # TransformerLens's name
+        return self.rotary_dims
+
+    # TransformerLens reads these off `model.cfg` (ActivationCache.py and patching.py of transformer-lens
+    # 4.3.0). Class attributes, not dataclass fields: they are not saved in config.json. `use_attn_result`
+    # is a run-time switch (`model.set_use_attn_result`), `device` follows the model (`model.to`).
     normalization_type = "LN"
     positional_embedding_type = "rotary"
     act_fn = "gelu"
     device = None
+    attn_only = False  # every layer has an MLP
+    parallel_attn_mlp = True  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x)); no resid_mid
+    use_attn_result = False
+    use_split_qkv_input = False
+    use_attn_in = False
+    use_hook_mlp_in = False
+    n_key_value_heads = None  # no grouped-query attention
+    final_rms = False
+    original_architecture = "meshprobe"
 
     # --- serialization -------------------------------------------------------------------------------
     def to_dict(self) -> dict:

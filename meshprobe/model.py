@@ -7,7 +7,8 @@ Weights and hooks are kept apart on purpose. Weights live once in `prelude.layer
 by every loop step) or `blocks_weights.{t}` (unshared block layouts), and `coda.layers`. Hooks live in
 `blocks.{u}` (one per *unrolled* layer u) and `loop.{t}` (one per loop step t), so each call site has its
 own name and `run_with_cache` sees every iteration (a hook inside a tied layer would fire K times under one
-name and keep only the last call).
+name and keep only the last call). The per-head / LayerNorm / MLP hook holders inside `blocks.{u}` and the
+model attributes TransformerLens tooling reads (W_U, W_O, accumulated_bias, ...) live in `tl_compat.py`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meshprobe._tl import ActivationCache, HookedRootModule, HookPoint
+from meshprobe._tl import HookedRootModule, HookPoint
 from meshprobe.config import ModelConfig
+from meshprobe.decompose import LoopedActivationCache
+from meshprobe.tl_compat import AttnHooks, HookedLayerNorm, LNHooks, MLPHooks, TLModelSurface, attached, layer_norm
 
 
 def run_hook(hook: HookPoint, x: torch.Tensor) -> torch.Tensor:
@@ -37,11 +40,20 @@ class LayerHooks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.hook_resid_pre = HookPoint()
+        self.ln1 = LNHooks()
+        self.ln2 = LNHooks()
+        self.attn = AttnHooks()
+        self.mlp = MLPHooks()
         self.hook_attn_out = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
-        self.attn = nn.Module()
-        self.attn.hook_pattern = HookPoint()  # [batch, head, query, key]
+
+    def bind(self, layer: "NeoXLayer") -> None:
+        """Point the weight views at the (possibly tied) layer this call site runs."""
+        self.ln1.bind(layer.ln_attn)
+        self.ln2.bind(layer.ln_mlp)
+        self.attn.bind(layer.attn)
+        self.mlp.bind(layer.mlp)
 
 
 def rotary_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,23 +79,45 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg  # read live: `model.set_use_attn_result` flips cfg.use_attn_result
         self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x, cos, sin, hook_pattern: HookPoint) -> torch.Tensor:
+    def forward(self, x, cos, sin, hooks: AttnHooks) -> torch.Tensor:
         b, s, d = x.shape
+        if self.cfg.use_attn_result or hooks.active():
+            return self.forward_hooked(x, cos[:s], sin[:s], hooks)
+        # Fast path (no per-head hook attached): fused scaled_dot_product_attention.
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
-        if hook_pattern._forward_hooks or hook_pattern._backward_hooks:
-            # Someone wants the pattern: compute it explicitly (slower than the fused kernel).
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(z.transpose(1, 2).reshape(b, s, d))
+
+    def forward_hooked(self, x, cos, sin, hooks: AttnHooks) -> torch.Tensor:
+        """TransformerLens's hooks and shapes: q/k/v (before rotary), rot_q/rot_k, z [batch, seq, head, d_head];
+        attn_scores (masked, before softmax) and pattern [batch, head, query, key] (these two switch to
+        explicit attention); result [batch, seq, head, d] when cfg.use_attn_result (attn_out = sum + b_O)."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.d_head).unbind(2)
+        q, k, v = run_hook(hooks.hook_q, q), run_hook(hooks.hook_k, k), run_hook(hooks.hook_v, v)
+        q = run_hook(hooks.hook_rot_q, apply_rotary(q.transpose(1, 2), cos, sin).transpose(1, 2))
+        k = run_hook(hooks.hook_rot_k, apply_rotary(k.transpose(1, 2), cos, sin).transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, seq, d_head]
+        if attached([hooks.hook_attn_scores, hooks.hook_pattern]):
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.d_head)
             mask = torch.ones(s, s, dtype=torch.bool, device=x.device).triu(1)
-            pattern = hook_pattern(scores.masked_fill(mask, float("-inf")).softmax(dim=-1))
+            scores = run_hook(hooks.hook_attn_scores, scores.masked_fill(mask, float("-inf")))
+            pattern = run_hook(hooks.hook_pattern, scores.softmax(dim=-1))
             z = pattern.to(v.dtype) @ v
         else:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(z.transpose(1, 2).reshape(b, s, d))
+        z = run_hook(hooks.hook_z, z.transpose(1, 2))  # [batch, seq, head, d_head]
+        if not self.cfg.use_attn_result:
+            return self.out(z.reshape(b, s, d))
+        w_o = self.out.weight.T.view(self.n_heads, self.d_head, d)
+        result = run_hook(hooks.hook_result, torch.einsum("bshe,hem->bshm", z, w_o.to(z.dtype)))
+        return result.sum(dim=2) + self.out.bias
 
 
 class MLP(nn.Module):
@@ -92,8 +126,8 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.d_mlp)
         self.down = nn.Linear(cfg.d_mlp, cfg.d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
+    def forward(self, x: torch.Tensor, hooks: MLPHooks) -> torch.Tensor:
+        return self.down(run_hook(hooks.hook_post, F.gelu(run_hook(hooks.hook_pre, self.up(x)))))
 
 
 class NeoXLayer(nn.Module):
@@ -107,9 +141,12 @@ class NeoXLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, hooks: LayerHooks) -> torch.Tensor:
-        x = run_hook(hooks.hook_resid_pre, x)
-        attn_out = run_hook(hooks.hook_attn_out, self.attn(self.ln_attn(x), cos, sin, hooks.attn.hook_pattern))
-        mlp_out = run_hook(hooks.hook_mlp_out, self.mlp(self.ln_mlp(x)))
+        if attached([hooks.hook_resid_pre]):
+            # A copy: the input may also be the loop state (read by routers / carried / anchored), and an
+            # in-place patch of this layer's input must not leak into those (TL's patch setters edit in place).
+            x = hooks.hook_resid_pre(x.clone())
+        attn_out = run_hook(hooks.hook_attn_out, self.attn(layer_norm(self.ln_attn, x, hooks.ln1), cos, sin, hooks.attn))
+        mlp_out = run_hook(hooks.hook_mlp_out, self.mlp(layer_norm(self.ln_mlp, x, hooks.ln2), hooks.mlp))
         return run_hook(hooks.hook_resid_post, x + attn_out + mlp_out)
 
 
@@ -175,7 +212,7 @@ class LoopStep(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------
-class MeshprobeModel(HookedRootModule):
+class MeshprobeModel(TLModelSurface, HookedRootModule):
     """Vanilla, recursive or MeSH language model; `forward(tokens) -> logits [batch, seq, vocab]`.
 
     State hooks: `hook_embed`, `prelude.hook_out`, `loop.{t}.hook_state_in/core_out/state_out`,
@@ -203,7 +240,9 @@ class MeshprobeModel(HookedRootModule):
                 self.entry.mesh = MeshStep(cfg)
             self.coda = Stack(cfg, cfg.coda_layers)
         self.blocks = nn.ModuleList(LayerHooks() for _ in range(cfg.unrolled_depth))
-        self.ln_final = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        for hooks, layer in zip(self.blocks, self.unrolled_layers()):
+            hooks.bind(layer)
+        self.ln_final = HookedLayerNorm(d, cfg.layer_norm_eps)
         self.unembed = nn.Linear(d, cfg.vocab_size, bias=False)
         cos, sin = rotary_tables(cfg)
         self.register_buffer("rotary_cos", cos, persistent=False)
@@ -251,6 +290,13 @@ class MeshprobeModel(HookedRootModule):
 
     def step_weights(self, t: int) -> Stack:
         return self.core if self.cfg.shared else self.blocks_weights[t]
+
+    def unrolled_layers(self) -> list[NeoXLayer]:
+        """The layer (weights) run at each unrolled index u; tied core layers appear once per loop step."""
+        if self.cfg.is_vanilla:
+            return list(self.layers)
+        steps = [layer for t in range(self.cfg.n_loops) for layer in self.step_weights(t).layers]
+        return [*self.prelude.layers, *steps, *self.coda.layers]
 
     def forward(self, tokens: torch.Tensor, return_type: str = "logits"):
         """tokens [batch, seq] -> logits [batch, seq, vocab]; return_type "loss" gives next-token loss,
@@ -328,7 +374,7 @@ class MeshprobeModel(HookedRootModule):
     def readout(self, h: torch.Tensor, through_coda: bool = False) -> torch.Tensor:
         """Logits from an intermediate state h [batch, seq, d] (a "lens"): final LayerNorm + unembedding,
         optionally after running the coda first (`run_coda`)."""
-        return self.unembed(self.ln_final(self.run_coda(h) if through_coda else h))
+        return self.unembed(self.ln_final.unhooked(self.run_coda(h) if through_coda else h))
 
     # --- introspection -----------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
@@ -346,11 +392,12 @@ class MeshprobeModel(HookedRootModule):
         return state_hook_names(self.cfg)
 
     def run_with_cache(self, *args, **kwargs):
-        """TransformerLens's run_with_cache, returning an ActivationCache (4.x returns a plain dict)."""
+        """TransformerLens's run_with_cache, returning a LoopedActivationCache: TL's ActivationCache whose
+        residual-sum helpers refuse, with a one-line error, the layers where a loop step mixes states."""
         out, cache = super().run_with_cache(*args, **kwargs)
-        if not isinstance(cache, ActivationCache):
-            cache = ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
-        return out, cache
+        cache_dict = getattr(cache, "cache_dict", cache)
+        has_batch_dim = getattr(cache, "has_batch_dim", not kwargs.get("remove_batch_dim", False))
+        return out, LoopedActivationCache(cache_dict, self, has_batch_dim=has_batch_dim)
 
 
 def build_model(cfg: ModelConfig | dict, device: str | torch.device | None = None) -> MeshprobeModel:

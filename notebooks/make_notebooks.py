@@ -61,6 +61,55 @@ NOTEBOOKS = {
         new_code_cell('print("consecutive-loop RBF CKA:", [round(m["cka"]["rbf"]["mean"][i][i + 1], 3) '
                       'for i in range(1, len(m["states"]) - 2)])\n'
                       'print("effective rank per state:", dict(zip(m["states"], np.round(m["effective_rank"]["mean"], 1))))'),
+        new_markdown_cell("## Heads in every loop: attribution and patching with TransformerLens's own tools\n\n"
+                          "Per-head hooks (`blocks.{u}.attn.hook_q/k/v/z`, `hook_result`) exist on every unrolled "
+                          "layer u, so TL sees each iteration's heads: in `1+2R3+1`, u = 0 is the prelude, u = 1+2t and "
+                          "2+2t are the core in loop step t, u = 7 is the coda. TL's `decompose_resid` assumes the "
+                          "residual is a plain sum of layer outputs; between MeSH loop steps it is a router-weighted read "
+                          "of memory slots, so on this model it refuses with a one-line message naming the replacement."),
+        new_code_cell('from transformer_lens import patching\n'
+                      'from meshprobe.decompose import LoopedResidualError, decompose_looped, state_parts\n'
+                      'torch.set_grad_enabled(False)  # analysis only\n'
+                      'mesh = mp.load_checkpoint(CKPT / "loop3-mesh").eval()\n'
+                      'clean = tokens[:1, :32]\n'
+                      'logits, cache = mesh.run_with_cache(clean)\n'
+                      'try:\n    cache.decompose_resid()\nexcept LoopedResidualError as err:\n    print(err)\n'
+                      'parts = state_parts(cache, 0)  # h^(1) = sum over slots of read weight x slot\n'
+                      'print({k: round(v.norm(dim=-1).mean().item(), 2) for k, v in parts.items()})'),
+        new_markdown_cell("**Head attribution.** `decompose_looped(cache, heads=True)` writes the final residual as every "
+                          "head's result (and MLP output, bias, embedding) times the multiplicity the loop gives it, summing "
+                          "exactly to h_out; TL's own `cache.logit_attrs` then gives each head's direct contribution to the "
+                          "logit of the next token (here at the last position)."),
+        new_code_cell('stack, labels = decompose_looped(cache, heads=True)\n'
+                      'answer = clean[0, -1:]  # the token at the last position, predicted from position -2\n'
+                      'attrs = cache.logit_attrs(stack[:, :, -2], answer, pos_slice=-2)[:, 0]\n'
+                      'head_rows = [i for i, l in enumerate(labels) if l.startswith("L")]\n'
+                      'per_head = attrs[head_rows].view(8, mesh.cfg.n_heads)\n'
+                      'site = ["prelude"] + [f"step {t} layer {i}" for t in range(3) for i in range(2)] + ["coda"]\n'
+                      'for u in range(8):\n    print(f"u={u} {site[u]:16s}", np.round(per_head[u].numpy(), 3))\n'
+                      'print("sum of all components:", round(attrs.sum().item(), 5), "= logit - ln_final.bias . W_U:",\n'
+                      '      round((logits[0, -2, answer] - mesh.ln_final.bias @ mesh.W_U[:, answer]).item(), 5))\n'
+                      'print("final read weights (loop 2):", cache["loop.2.mesh.hook_read_weights"][0, -2].numpy().round(3))'),
+        new_markdown_cell("In this briefly trained checkpoint the last read takes almost only one slot, so heads that "
+                          "write elsewhere in loop steps 1 and 2 have almost no direct path to the output; their effect, "
+                          "if any, is indirect (through routing and later reads). Patching measures the total effect."),
+        new_markdown_cell("**Per-loop head patching.** Corrupt the prompt (shuffle its first half), then patch each head's "
+                          "clean output `hook_z` back in, one unrolled layer at a time, with `transformer_lens.patching`. "
+                          "The same core head gets one row per loop step."),
+        new_code_cell('g = torch.Generator().manual_seed(0)\n'
+                      'corrupted = clean.clone()\ncorrupted[0, :16] = clean[0, :16][torch.randperm(16, generator=g)]\n'
+                      'def metric(lg):  # mean log-prob of the clean next tokens over the second half\n'
+                      '    return lg[0, 15:-1].log_softmax(-1).gather(-1, clean[0, 16:, None]).mean()\n'
+                      'clean_value, corrupted_value = metric(logits).item(), metric(mesh(corrupted)).item()\n'
+                      'effect = patching.get_act_patch_attn_head_out_all_pos(mesh, corrupted, cache, metric)\n'
+                      'recovered = (effect - corrupted_value) / (clean_value - corrupted_value)\n'
+                      'print(f"clean {clean_value:.3f}, corrupted {corrupted_value:.3f}")\n'
+                      'import matplotlib.pyplot as plt\n'
+                      'fig, ax = plt.subplots(figsize=(4, 4))\n'
+                      'lim = recovered.abs().max().item()\n'
+                      'ax.imshow(recovered.numpy(), cmap="RdBu", vmin=-lim, vmax=lim)\n'
+                      'ax.set_yticks(range(8), site); ax.set_xticks(range(mesh.cfg.n_heads)); ax.set_xlabel("head")\n'
+                      'ax.set_title("fraction recovered by patching hook_z"); plt.show()'),
     ],
     "03_mesh_vs_recursive.ipynb": [
         new_markdown_cell("# 03 MeSH vs recursive (the paper's Fig 3-5, probes, router maps)\n\n"

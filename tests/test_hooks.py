@@ -14,6 +14,7 @@ def tokens_for(cfg, batch=2):
 
 def test_every_hook_fires_exactly_once(any_cfg):
     model = build_model(any_cfg).eval()
+    model.set_use_attn_result(True)  # blocks.{u}.attn.hook_result fires only behind TL's switch
     counts = {name: 0 for name in model.hook_dict}
 
     def count(x, hook):
@@ -28,7 +29,7 @@ def test_every_hook_fires_exactly_once(any_cfg):
 def test_state_hooks_fire_in_documented_order(any_cfg):
     model = build_model(any_cfg).eval()
     order = []
-    model.run_with_hooks(tokens_for(any_cfg), fwd_hooks=[(lambda n: not n.startswith("blocks."),
+    model.run_with_hooks(tokens_for(any_cfg), fwd_hooks=[(lambda n: not n.startswith(("blocks.", "ln_final.")),
                                                            lambda x, hook: order.append(hook.name))])
     assert order == model.state_hook_names()
 
