@@ -289,3 +289,38 @@ def task_accuracy(logits, targets, symbols: int) -> float:
     """Share of defined positions where argmax over the first `symbols` logits is the target (nan if none)."""
     correct, scored = task_correct(logits, targets, symbols)
     return correct / scored if scored else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ inspection aids
+def shortcut_accuracies(batch: TaskBatch) -> dict[str, float]:
+    """Accuracy of answering without solving the task, over the defined targets of `batch`: copy the current
+    symbol ("x_i"), answer the latent after t hops ("hop_t"), or always the most frequent target ("majority").
+    A plateau at one of these marks a shortcut (for phop with v=8, n=32, p=2, copying x_i scores about 0.45)."""
+    mask = batch.targets >= 0
+    if not mask.any():
+        return {}
+    out = {"x_i": float((batch.tokens == batch.targets)[mask].mean())}
+    for t in range(batch.latents.shape[1]):
+        out[f"hop_{t + 1}"] = float((batch.latents[:, t] == batch.targets)[mask].mean())
+    out["majority"] = float(np.bincount(batch.targets[mask]).max() / mask.sum())
+    return out
+
+
+def describe(spec: TaskSpec, n_examples: int = 2, seed: int = 0) -> str:
+    """Plain-text view of a task (for `meshprobe data show task:...`): the spec, the checkpoint entry, a few
+    evaluation sequences with targets and latents ('.' = undefined / no loss), and the shortcut accuracies."""
+    e = eval_set(spec, max(n_examples, 1), seed=seed)
+    big = eval_set(spec, 2000, seed=seed)
+    width = len(str(spec.vocab_size))
+
+    def row(label, values):
+        return f"  {label:>8} " + " ".join("." * width if v < 0 else f"{v:>{width}d}" for v in values)
+
+    lines = [f"{spec.spec_string()}  (vocab {spec.vocab_size}, n_ctx {spec.n_ctx}, trained on hops {spec.train_hops})",
+             f"checkpoint entry: {spec.entry()}",
+             f"defined targets at p={spec.hops}: {float((big.targets >= 0).mean()):.3f} of positions"]
+    for b in range(n_examples):
+        lines += [f"example {b}:", row("tokens", e.tokens[b]), row("target", e.targets[b])]
+        lines += [row(f"latent {t + 1}", e.latents[b, t]) for t in range(spec.hops)]
+    lines.append("shortcut accuracies: " + ", ".join(f"{k} {v:.3f}" for k, v in shortcut_accuracies(big).items()))
+    return "\n".join(lines)

@@ -194,3 +194,17 @@ def test_perfect_oracle_scores_one_on_eval_set():
     e = tasks.eval_set(spec, 16)
     logits = torch.nn.functional.one_hot(torch.as_tensor(e.latents[:, 1].clip(0)), spec.vocab_size).float()
     assert tasks.task_accuracy(logits, e.targets, spec.symbols) == 1.0
+
+
+# ------------------------------------------------------------------------------------------- inspection aids
+def test_shortcut_accuracies_and_describe():
+    spec = tasks.TaskSpec(hops=2, symbols=8, seq_len=32, mix=True)
+    e = tasks.eval_set(spec, 500)
+    acc = tasks.shortcut_accuracies(e)
+    assert acc["hop_2"] == 1.0 and 0.0 < acc["hop_1"] < 1.0 and 0.0 < acc["x_i"] < 1.0
+    mask = e.targets >= 0
+    assert acc["x_i"] == pytest.approx(float((e.tokens == e.targets)[mask].mean()))
+    assert 1 / 8 <= acc["majority"] < 0.5
+    text = tasks.describe(spec, n_examples=1)
+    assert "task:phop:hops=2,symbols=8,seq_len=32,mix=1" in text and "latent 2" in text and "x_i" in text
+    assert " ".join(f"{v:>2d}" for v in e.tokens[0]) in text  # the first evaluation sequence, verbatim
