@@ -208,3 +208,21 @@ def test_shortcut_accuracies_and_describe():
     text = tasks.describe(spec, n_examples=1)
     assert "task:phop:hops=2,symbols=8,seq_len=32,mix=1" in text and "latent 2" in text and "x_i" in text
     assert " ".join(f"{v:>2d}" for v in e.tokens[0]) in text  # the first evaluation sequence, verbatim
+
+
+def test_model_consumes_task_batches():
+    """A model sized by the spec (vocab_size, n_ctx) takes the tokens; the masked loss is finite and trains."""
+    from meshprobe import ModelConfig, build_model
+
+    spec = tasks.parse_task("task:phop:hops=2,symbols=8,seq_len=16,mix=1")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(d_model=32, n_heads=4, vocab_size=spec.vocab_size, n_ctx=spec.n_ctx,
+                                    layout="1+1R2+1", variant="mesh"))
+    batch = tasks.train_batch(spec, 8, step=0, seed=0)
+    logits = model(torch.as_tensor(batch.tokens))
+    assert logits.shape == (8, spec.n_ctx, spec.vocab_size)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.as_tensor(batch.targets).flatten())
+    assert torch.isfinite(loss)
+    loss.backward()
+    acc = tasks.task_accuracy(logits.detach(), batch.targets, spec.symbols)
+    assert 0.0 <= acc <= 1.0
