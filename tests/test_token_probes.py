@@ -9,7 +9,7 @@ import torch
 from meshprobe.analysis import token_probe
 from meshprobe.analysis.loop_probes import LOOP_FEATURES, loop_step_probe
 from meshprobe.analysis.retrieval import RidgeStats, retrieval_ranks
-from meshprobe.analysis.softmax import fit_softmax, fit_softmax_cv
+from meshprobe.analysis.softmax import fit_softmax, fit_softmax_cv, fit_softmax_many
 from meshprobe.analysis.stats import (bootstrap_ratio_ci, is_test_sequence, sample_disjoint_windows,
                                       shared_ngram_fraction)
 from meshprobe.analysis.token_probes import TokenProbePlan, token_probe_increment
@@ -128,6 +128,15 @@ def test_softmax_fit_matches_sklearn_logistic_regression():
     np.testing.assert_allclose(W - W.mean(1, keepdims=True), W_sk - W_sk.mean(1, keepdims=True), atol=2e-4)
     pred = torch.addmm(Wb[-1], X, Wb[:-1]).argmax(1).numpy()
     assert (pred == sk.predict(X.numpy())).mean() >= 0.995
+
+
+def test_joint_fit_of_many_problems_equals_separate_fits():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 5, generator=g).double()
+    Y = torch.randint(0, 3, (300, 4), generator=g)
+    many = fit_softmax_many(X, Y, 3, 1e-2, tol=1e-9, max_iter=500)
+    for p in range(4):
+        torch.testing.assert_close(many[p], fit_softmax(X, Y[:, p], 3, 1e-2, tol=1e-9, max_iter=500), atol=1e-4, rtol=0)
 
 
 def test_cv_picks_strong_penalty_without_signal_and_weak_with_signal():

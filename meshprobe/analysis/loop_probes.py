@@ -14,8 +14,8 @@ Rows: a seeded, order-independent sample of positions (smallest hash of (sequenc
 ``max_train_positions`` from training sequences and ``max_test_positions`` from test sequences (split by
 sequence); every sampled position contributes one row per step, so the classes are balanced and chance is
 exactly ``1 / K``. Each result carries the accuracy, a 95% bootstrap CI over test sequences, and a
-label-permutation null: ``n_perm`` refits (at the chosen L2, without re-running the CV) on training labels
-shuffled across rows, scored on the true test labels; ``null_mean``, ``null_q95`` and ``p_value = (1 + #{null
+label-permutation null: ``n_perm`` refits (at the chosen L2, without re-running the CV; solved jointly, see
+``fit_softmax_many``) on training labels shuffled across rows, scored on the true test labels; ``null_mean``, ``null_q95`` and ``p_value = (1 + #{null
 >= accuracy}) / (1 + n_perm)``.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meshprobe.analysis.softmax import fit_softmax, fit_softmax_cv
+from meshprobe.analysis.softmax import fit_softmax_cv, fit_softmax_many
 from meshprobe.analysis.stats import bootstrap_ratio_ci, is_test_sequence, sequence_sums, unit_hash
 
 __all__ = ["LOOP_FEATURES", "LoopStepAccumulator", "loop_step_probe"]
@@ -39,7 +39,7 @@ class LoopStepAccumulator:
     ``n_steps`` loop steps (memory: positions * K * d * 2 floats, independent of the number of sequences)."""
 
     def __init__(self, n_seq: int, seq_len: int, n_steps: int, *, seed: int = 0, test_fraction: float = 0.3,
-                 max_train_positions: int = 1024, max_test_positions: int = 1024):
+                 max_train_positions: int = 512, max_test_positions: int = 512):
         if n_steps < 2:
             raise ValueError(f"the loop-step probe needs at least 2 loop steps, got {n_steps}")
         self.N, self.S, self.K, self.seed = int(n_seq), int(seq_len), int(n_steps), int(seed)
@@ -122,14 +122,17 @@ def _probe(V: Tensor, is_test: Tensor, seq: Tensor, K: int, n_perm: int, folds: 
     Zte = (X[te].float() - probe.mean) / probe.std
     gen = torch.Generator().manual_seed(int(unit_hash([seed], 0, "perm-" + kind)[0] * 2 ** 31))
     null = []
-    for _ in range(n_perm):
-        yp = y[~te][torch.randperm(int((~te).sum()), generator=gen)]
-        Wb = fit_softmax(Ztr, yp, K, probe.l2)
-        null.append(float((torch.addmm(Wb[-1], Zte, Wb[:-1]).argmax(1) == y[te]).double().mean()))
-    null_a = np.array(null) if null else np.array([np.nan])
+    if n_perm > 0:
+        ytr = y[~te]
+        Yp = torch.stack([ytr[torch.randperm(len(ytr), generator=gen)] for _ in range(n_perm)], 1)
+        Wb = fit_softmax_many(Ztr, Yp, K, probe.l2)  # [n_perm, d + 1, K]
+        pred = (torch.einsum("nd,pdk->pnk", Zte, Wb[:, :-1]) + Wb[:, -1:, :]).argmax(-1)
+        null = (pred == y[te]).double().mean(1).tolist()
+    null_a = np.array(null)
     return {
         "accuracy": acc, "ci": bootstrap_ratio_ci(num, den, seed=seed), "chance": 1.0 / K,
-        "null_mean": float(null_a.mean()), "null_q95": float(np.quantile(null_a, 0.95)),
+        "null_mean": float(null_a.mean()) if null else None,
+        "null_q95": float(np.quantile(null_a, 0.95)) if null else None,
         "p_value": float((1 + (null_a >= acc).sum()) / (1 + len(null))) if null else None,
         "n_perm": len(null), "l2": probe.l2, "n_features": d, "n_train": int((~te).sum()), "n_test": int(te.sum()),
     }
