@@ -11,7 +11,7 @@ from meshprobe.analysis.loop_probes import LOOP_FEATURES, loop_step_probe
 from meshprobe.analysis.retrieval import RidgeStats, retrieval_ranks
 from meshprobe.analysis.softmax import fit_softmax, fit_softmax_cv, fit_softmax_many
 from meshprobe.analysis.stats import (bootstrap_ratio_ci, is_test_sequence, sample_disjoint_windows,
-                                      shared_ngram_fraction)
+                                      shared_ngram_fraction, shares_ngram)
 from meshprobe.analysis.token_probes import TokenProbePlan, token_probe_increment
 
 
@@ -80,6 +80,10 @@ def test_plan_rows_balanced_split_by_sequence_and_from_the_most_frequent_types()
         assert torch.equal(tok[flat // 40, flat % 40 + k], r.classes[r.train_y])
         counts = torch.bincount(tok[~plan.is_test].reshape(-1), minlength=50)
         assert counts[r.classes].min() >= counts[counts.argsort(descending=True)[8]]
+    ignore = torch.arange(80) % 3 == 0
+    plan2 = TokenProbePlan(tok, [-1], max_classes=8, seed=1, ignore=ignore)
+    used = plan2.seq_of(torch.arange(len(plan2.rows)))
+    assert not ignore[used].any() and not plan2.is_test[ignore].any() and not plan2.is_train[ignore].any()
 
 
 def test_streaming_accumulator_matches_whole_tensor_call_in_any_batch_order():
@@ -276,5 +280,10 @@ def test_disjoint_windows_share_no_position():
     starts = g.integers(0, L - S, n)
     w_old = np.arange(L)[starts[:, None] + np.arange(S)]
     assert shared_ngram_fraction(w_old[~test], w_old[test], 16) > 0
+    m = shares_ngram(w_old[~test], w_old[test], 16)
+    assert m.dtype == bool and m.mean() == shared_ngram_fraction(w_old[~test], w_old[test], 16)
+    # a window whose 16 first tokens occur in a training window is flagged, one shifted by 1 token inside it too
+    tr = np.arange(100)[None, :]
+    assert shares_ngram(tr, np.stack([np.arange(50, 150), np.arange(200, 300)]), 16).tolist() == [True, False]
     with pytest.raises(ValueError, match="disjoint windows"):
         sample_disjoint_windows(np.arange(100), 2, 51)

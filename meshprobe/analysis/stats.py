@@ -21,6 +21,7 @@ __all__ = [
     "bootstrap_ratio_ci",
     "sample_disjoint_windows",
     "shared_ngram_fraction",
+    "shares_ngram",
 ]
 
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -115,13 +116,14 @@ def sample_disjoint_windows(ids, n: int, seq_len: int, seed: int = 0) -> np.ndar
     return np.asarray(ids[starts[:, None] + np.arange(seq_len)], dtype=np.int64)
 
 
-def shared_ngram_fraction(windows_a, windows_b, n: int = 16) -> float:
-    """Fraction of the windows in ``windows_b`` [m, S] that share at least one ``n``-gram with some window of
-    ``windows_a`` [k, S] (e.g. test windows against training windows)."""
+def shares_ngram(windows_a, windows_b, n: int = 16) -> np.ndarray:
+    """Bool [m]: does window j of ``windows_b`` [m, S] share at least one ``n``-gram with some window of
+    ``windows_a`` [k, S]? (E.g. test windows against training windows: with ``TokenProbePlan(ignore=...)`` such
+    test windows can be left out.)"""
     a = np.asarray(windows_a, dtype=np.int64)
     b = np.asarray(windows_b, dtype=np.int64)
-    if b.shape[0] == 0 or a.shape[1] < n or b.shape[1] < n:
-        return 0.0
+    if b.shape[0] == 0 or a.shape[0] == 0 or a.shape[1] < n or b.shape[1] < n:
+        return np.zeros(b.shape[0], dtype=bool)
 
     def grams(w: np.ndarray) -> np.ndarray:  # [rows, S - n + 1] hashes of every n-gram
         win = np.lib.stride_tricks.sliding_window_view(w, n, axis=1)
@@ -130,4 +132,11 @@ def shared_ngram_fraction(windows_a, windows_b, n: int = 16) -> float:
             h = _splitmix64(h ^ win[..., j].astype(np.uint64))
         return h
 
-    return float(np.isin(grams(b), grams(a)).any(axis=1).mean())
+    return np.isin(grams(b), grams(a)).any(axis=1)
+
+
+def shared_ngram_fraction(windows_a, windows_b, n: int = 16) -> float:
+    """Fraction of the windows in ``windows_b`` that share an ``n``-gram with ``windows_a`` (see
+    :func:`shares_ngram`); 0 for no windows."""
+    m = shares_ngram(windows_a, windows_b, n)
+    return float(m.mean()) if len(m) else 0.0

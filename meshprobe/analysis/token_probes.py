@@ -105,12 +105,14 @@ class OffsetRows:
 class TokenProbePlan:
     """Rows, classes, split and folds of the token probes for ``tokens`` [N, S] and target ``offsets``,
     a function of the tokens and ``seed`` only (see the module docstring). ``embedding`` [V, e]: the retrieval
-    code (``None``: :func:`gaussian_code` with ``e = code_dim``, V = max token id + 1)."""
+    code (``None``: :func:`gaussian_code` with ``e = code_dim``, V = max token id + 1). ``ignore`` (bool [N]):
+    sequences used neither for training nor for testing (e.g. test windows that share an n-gram with a training
+    window, :func:`meshprobe.analysis.stats.shares_ngram`)."""
 
     def __init__(self, tokens: Tensor, offsets: Sequence[int] = DEFAULT_OFFSETS, *, max_classes: int = 64,
                  seed: int = 0, embedding: Tensor | None = None, test_fraction: float = 0.3,
                  max_train_per_class: int = 128, max_test_per_class: int = 128, min_test_per_class: int = 4,
-                 retrieval_test_rows: int = 4096, folds: int = 3, code_dim: int = 128):
+                 retrieval_test_rows: int = 4096, folds: int = 3, code_dim: int = 128, ignore=None):
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be an integer [N, S] tensor, got {tuple(tokens.shape)} {tokens.dtype}")
@@ -122,7 +124,12 @@ class TokenProbePlan:
             raise ValueError(f"offsets {self.offsets} need sequences longer than {S} tokens")
         seq = np.arange(N)
         self.is_test = torch.from_numpy(is_test_sequence(seq, test_fraction, seed))
-        if bool(self.is_test.all()) or not bool(self.is_test.any()):
+        self.ignore = torch.zeros(N, dtype=torch.bool) if ignore is None else torch.as_tensor(ignore, dtype=torch.bool)
+        if self.ignore.shape != (N,):
+            raise ValueError(f"ignore must be a bool tensor of {N} entries, one per sequence")
+        self.is_train = ~self.is_test & ~self.ignore
+        self.is_test = self.is_test & ~self.ignore
+        if not bool(self.is_train.any()) or not bool(self.is_test.any()):
             raise ValueError(f"{N} sequences: the split by sequence (test_fraction={test_fraction}) leaves no "
                              "train or no test sequence; give more sequences")
         self.fold = torch.from_numpy(cv_fold(seq, max(folds, 1), seed))
@@ -159,7 +166,8 @@ class TokenProbePlan:
         pos = np.arange(max(0, -k), S - max(0, k))
         tgt = self.tokens[:, pos + k].numpy()
         test = np.broadcast_to(self.is_test.numpy()[:, None], tgt.shape)
-        counts = np.bincount(tgt[~test], minlength=V)
+        train = np.broadcast_to(self.is_train.numpy()[:, None], tgt.shape)
+        counts = np.bincount(tgt[train], minlength=V)
         order = np.lexsort((np.arange(V), -counts))[: self.max_classes]
         order = order[counts[order] >= 2]
         test_counts = np.bincount(tgt[test], minlength=V)
@@ -172,7 +180,7 @@ class TokenProbePlan:
         flat = (np.arange(self.N)[:, None] * S + pos).astype(np.int64)
         prio = self._prio[:, pos]
         out = []
-        for split, cap in ((~test, cap_tr), (test, cap_te)):
+        for split, cap in ((train, cap_tr), (test, cap_te)):
             c = np.where(split, cls, -1).ravel()
             i, y = _balanced(c, prio.ravel(), len(classes), cap)
             out += [flat.ravel()[i], y]
@@ -212,7 +220,7 @@ class TokenProbeAccumulator:
         it = torch.from_numpy(idx.astype(np.int64))
         self.X[it] = features[torch.from_numpy(b), torch.from_numpy(p.rows[idx] % p.S)]
         self.filled[it] = True
-        train = ~p.is_test[seq]
+        train = p.is_train[seq]
         if bool(train.any()):
             lo, hi = p.common_positions
             X = features[train, lo:hi].reshape(-1, features.shape[2])
@@ -300,7 +308,7 @@ def _retrieval(plan: TokenProbePlan, acc: TokenProbeAccumulator, offset: int) ->
     sst = ((Y - Y.mean(0)) ** 2).sum(1)
     lo, hi = bootstrap_ratio_ci(*[sequence_sums(v, seq)[0] for v in (sse, sst)], seed=plan.seed)
     hits = retrieval_ranks(pred, plan.code, target, k=5).double()
-    counts = np.bincount(plan.tokens[~plan.is_test].numpy().ravel(), minlength=plan.code.shape[0])
+    counts = np.bincount(plan.tokens[plan.is_train].numpy().ravel(), minlength=plan.code.shape[0])
     return {
         "r2": float(1 - sse.sum() / sst.sum()), "r2_ci": (1 - hi, 1 - lo),
         "retrieval_top1": float(hits[:, 0].mean()), "retrieval_top1_ci": _ci(hits[:, 0], seq, plan.seed),
