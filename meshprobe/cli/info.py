@@ -32,6 +32,11 @@ def run(args: argparse.Namespace) -> int:
     for name in state:
         print(f"  {name}")
     layer_hooks = [h for h in hooks if h.startswith("blocks.")]
-    print(f"layer hooks ({len(layer_hooks)}): blocks.{{u}}.hook_resid_pre / attn.hook_pattern / hook_attn_out / "
-          f"hook_mlp_out / hook_resid_post for u = 0..{model.cfg.unrolled_depth - 1}")
+    per_layer = [h.split(".", 2)[2] for h in layer_hooks if h.startswith("blocks.0.")]
+    print(f"layer hooks ({len(layer_hooks)}): blocks.{{u}}.<name> for u = 0..{model.cfg.unrolled_depth - 1}, name in")
+    for i in range(0, len(per_layer), 4):
+        print("  " + "  ".join(per_layer[i:i + 4]))
+    other = [h for h in hooks if not h.startswith("blocks.") and h not in state]
+    if other:
+        print(f"other hooks ({len(other)}): {', '.join(other)}")
     return 0
