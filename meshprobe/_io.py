@@ -217,6 +217,27 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
+def created_parents(path: str | os.PathLike) -> Iterator[None]:
+    """Create the missing parent folders of `path`; if the block fails, remove those it created that are
+    still empty (bad input leaves nothing behind)."""
+    missing = []
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextmanager
 def file_lock(path: str | os.PathLike, *, blocking: bool = True, busy_message: str | None = None,
               remove: bool = False, mkdir: bool = True) -> Iterator[None]:
     """An exclusive advisory lock (``fcntl.flock``) on `path`; a no-op where fcntl is missing.
