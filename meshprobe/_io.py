@@ -192,10 +192,11 @@ def replace_dir(new: Path, path: Path, marker: str | None = None) -> None:
 
 
 def move_into(tmp: Path, out: Path) -> list[Path]:
-    """Move every file of folder `tmp` to the same relative path in `out` (metrics.json and report.md last,
-    so they only appear once every figure they describe is in place). Returns the moved paths."""
+    """Move every file of folder `tmp` to the same relative path in `out`, one atomic rename each: report.md
+    and then metrics.json last, so a new metrics.json (the commit point) only appears once every file it
+    describes is in place, even if the process is killed halfway. Returns the moved paths."""
     files = sorted((p for p in tmp.rglob("*") if p.is_file()),
-                   key=lambda p: (p.name in ("metrics.json", "report.md"), str(p)))
+                   key=lambda p: (p.name == "metrics.json", p.name == "report.md", str(p)))
     moved = []
     for f in files:
         dest = out / f.relative_to(tmp)
