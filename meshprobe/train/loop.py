@@ -18,11 +18,11 @@ Choices the paper leaves open:
   directory) so that a family of models shares one. It is saved into every checkpoint and reused on resume.
 
 Output directory = checkpoint (:mod:`meshprobe.checkpoint` + :mod:`meshprobe.train.state`), written
-atomically at step 0, every ``save_every`` steps, on Ctrl-C and at the end. ``config.json`` metadata: the
+atomically (safe against SIGKILL at any instant; a resume reads the newest complete save) at step 0, every ``save_every`` steps, on Ctrl-C and at the end. ``config.json`` metadata: the
 train config, step, total_steps, tokens_seen, wall_time_s, train_loss, val_loss, val_ppl, device, world_size,
 data (spec, fingerprint, token counts), status, complete, meshprobe / torch versions. While training, rank 0
-holds an advisory lock ``.NAME.lock`` beside ``out_dir``: a second process training into the same directory
-stops with a UserError. On resume the log is cut back to the checkpoint's step, so a resumed run's log equals
+holds an advisory lock ``.NAME.lock`` beside the real ``out_dir`` (symlinks resolved): a second process
+training into the same directory stops with a UserError. On resume the log is cut back to the checkpoint's step, so a resumed run's log equals
 the uninterrupted run's (apart from timing fields).
 
 Log records: ``{"type": "train", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}``
@@ -58,9 +58,8 @@ import torch
 
 import meshprobe
 from meshprobe import _io, data
-from meshprobe.checkpoint import (TOKENIZER_FILE, load_checkpoint, read_checkpoint_config, recover_checkpoint,
-                                  resolve_checkpoint, save_checkpoint)
-from meshprobe.config import ModelConfig, check_memory
+from meshprobe.checkpoint import TOKENIZER_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint
+from meshprobe.config import ModelConfig
 from meshprobe.errors import UserError
 from meshprobe.evaluate import compute_loss, evaluate, ppl
 from meshprobe.model import build_model
@@ -125,35 +124,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
             stack.enter_context(_io.out_lock(out_dir, "train"))
         show = rank == 0 and not quiet
         src = resolve_checkpoint(out_dir)
-        resuming = _check_resume(model_cfg, train_cfg, out_dir, src, resume, overwrite, show)
+        resuming = S.check_resume(model_cfg, train_cfg, out_dir, src, resume, overwrite, show)
         device = resolve_device(train_cfg.device, local_rank)
         with process_group(world, device):
             run = setup(model_cfg, train_cfg, out_dir, resuming, device, rank, world, micro, show, src)
             if rank == 0 and not lock_now:
                 run.take_lock = lambda: stack.enter_context(_io.out_lock(out_dir, "train"))
             return {**_loop(run), "out_dir": given}
-
-
-def _check_resume(model_cfg, train_cfg, out_dir: Path, src: Path, resume: bool, overwrite: bool,
-                  show: bool) -> bool:
-    """Validate the output directory (and a checkpoint to resume, read from `src`) before anything is written."""
-    resuming = S.check_out_dir(out_dir, resume, overwrite, src)
-    if resuming:
-        saved = read_checkpoint_config(src)
-        if saved["model"] != model_cfg.to_dict():
-            raise UserError(f"cannot resume {out_dir} with a different model config ("
-                            f"{S.describe_diff(model_cfg.to_dict(), saved['model'])})")
-        saved_step = S.read_state(src)["step"]
-        if saved_step > train_cfg.total_steps:
-            raise UserError(f"cannot resume {out_dir}: it is at step {saved_step}, beyond the run's "
-                            f"{train_cfg.total_steps} steps (raise --steps)")
-        old = saved.get("metadata", {}).get("train", {})
-        new = train_cfg.to_dict()
-        changed = [k for k in ("data", "seed", "batch_size", "seq_len") if k in old and old[k] != new[k]]
-        if changed:
-            say(show, f"meshprobe train: note: {', '.join(changed)} changed since the checkpoint; the batch stream "
-                      "differs from the original run")
-    return resuming
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,7 +173,7 @@ class Run:
     tokens_run: int = 0
     lr: float = 0.0
     src: Path | None = None  # the folder a resumed checkpoint is read from (see checkpoint.resolve_checkpoint)
-    take_lock: object = None  # set when the output lock is taken only at the first write
+    take_lock: object = None  # set when the output lock is taken only at the first write (state.begin_writing)
 
     @property
     def total_steps(self) -> int:
@@ -210,7 +187,7 @@ def setup(model_cfg, cfg, out_dir, resuming, device, rank, world, micro, show, s
     """Data and tokenizer, model and optimizer (restored on resume), compile and DDP; nothing written yet."""
     run = Run(cfg, model_cfg, out_dir, device, resolved_precision(device, cfg.precision), rank, world, micro, show,
               resuming, device_name(device), src=src or out_dir)
-    _check_memory(run)
+    S.check_train_memory(model_cfg, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -282,30 +259,6 @@ def _restore(run: Run) -> None:
     except (TypeError, ValueError) as exc:
         raise UserError(f"{src / S.STATE_FILE}: damaged ({exc})") from None
     run.records = S.read_log(src / S.LOG_FILE, max_step=run.step)
-
-
-def _check_memory(run: Run) -> None:
-    """Refuse a model that cannot fit before anything is allocated: fp32 weights, gradients and two AdamW
-    moments (16 bytes a parameter) against the GPU's memory, and the weights against this machine's."""
-    check_memory(run.model_cfg, 4, "its fp32 weights")
-    if run.device.type == "cuda":
-        total = torch.cuda.get_device_properties(run.device).total_memory
-        check_memory(run.model_cfg, 16, "training (weights, gradients, AdamW moments)", total)
-    else:
-        check_memory(run.model_cfg, 16, "training (weights, gradients, AdamW moments)")
-
-
-def _begin_writing(run: Run) -> None:
-    """Right before the first write: take the output lock if it waited for the parent folder, and finish
-    a save that a crash interrupted (the newest complete checkpoint becomes out_dir; dead leftovers go)."""
-    if run.rank != 0:
-        return
-    if run.take_lock is not None:
-        run.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        run.take_lock()
-        if os.path.lexists(run.out_dir) or resolve_checkpoint(run.out_dir) != run.out_dir:
-            raise UserError(f"{run.out_dir} appeared while this run was starting; not touching it")
-    recover_checkpoint(run.out_dir, locked=True)
 
 
 def _wrap(run: Run) -> None:
@@ -470,7 +423,8 @@ def _banner(run: Run, resuming: bool) -> None:
 def _loop(run: Run) -> dict:
     cfg, total = run.cfg, run.total_steps
     _banner(run, run.resuming)
-    _begin_writing(run)
+    if run.rank == 0:
+        S.begin_writing(run.out_dir, run.take_lock)
     if not run.resuming:
         save(run, "started")  # creates (or replaces, with overwrite) out_dir; the live log is appended to it
     elif run.rank == 0:

@@ -1,4 +1,6 @@
 """The training state of a checkpoint: optimizer and RNG states, the step, the training log. Nothing is pickled.
+Also the checks before a run writes anything (output folder, checkpoint to resume, memory) and the step right
+before its first write (lock, recovery of an interrupted save).
 
 Files beside the model in a training checkpoint (:mod:`meshprobe.checkpoint` writes them atomically):
 
@@ -13,6 +15,7 @@ Files beside the model in a training checkpoint (:mod:`meshprobe.checkpoint` wri
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 from safetensors.torch import load, save
 
 from meshprobe import _io
+from meshprobe.config import check_memory
 from meshprobe.errors import UserError
 
 LOG_FILE = "train_log.jsonl"
@@ -198,3 +202,51 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool, src: Path | None
 def describe_diff(a: dict, b: dict) -> str:
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return ", ".join(f"{k}: {b.get(k)!r} in the checkpoint vs {a.get(k)!r}" for k in keys[:4])
+
+
+def check_train_memory(model_cfg, device) -> None:
+    """Refuse a model that cannot fit before anything is allocated: fp32 weights, gradients and two AdamW
+    moments (16 bytes a parameter) against the GPU's memory (on CUDA) or this machine's."""
+    check_memory(model_cfg, 4, "its fp32 weights")
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    check_memory(model_cfg, 16, "training (weights, gradients, AdamW moments)", total)
+
+
+def begin_writing(out_dir: Path, take_lock=None) -> None:
+    """Right before a run's first write: take the output lock if it waited for the parent folder to exist
+    (`take_lock`), then finish a save that a crash interrupted (the newest complete checkpoint becomes
+    out_dir; the leftovers go: we hold the lock, so their writers are dead)."""
+    from meshprobe.checkpoint import recover_checkpoint, resolve_checkpoint
+
+    if take_lock is not None:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        take_lock()
+        if os.path.lexists(out_dir) or resolve_checkpoint(out_dir) != out_dir:
+            raise UserError(f"{out_dir} appeared while this run was starting; not touching it")
+    recover_checkpoint(out_dir, locked=True)
+
+
+def check_resume(model_cfg, train_cfg, out_dir: Path, src: Path, resume: bool, overwrite: bool,
+                 show: bool) -> bool:
+    """Validate the output directory (and a checkpoint to resume, read from `src`) before anything is written;
+    return True when resuming."""
+    from meshprobe.checkpoint import read_checkpoint_config
+    from meshprobe.runtime import say
+
+    resuming = check_out_dir(out_dir, resume, overwrite, src)
+    if resuming:
+        saved = read_checkpoint_config(src)
+        if saved["model"] != model_cfg.to_dict():
+            raise UserError(f"cannot resume {out_dir} with a different model config ("
+                            f"{describe_diff(model_cfg.to_dict(), saved['model'])})")
+        saved_step = read_state(src)["step"]
+        if saved_step > train_cfg.total_steps:
+            raise UserError(f"cannot resume {out_dir}: it is at step {saved_step}, beyond the run's "
+                            f"{train_cfg.total_steps} steps (raise --steps)")
+        old = saved.get("metadata", {}).get("train", {})
+        new = train_cfg.to_dict()
+        changed = [k for k in ("data", "seed", "batch_size", "seq_len") if k in old and old[k] != new[k]]
+        if changed:
+            say(show, f"meshprobe train: note: {', '.join(changed)} changed since the checkpoint; the batch stream "
+                      "differs from the original run")
+    return resuming
