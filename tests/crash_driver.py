@@ -160,8 +160,8 @@ def analyze_kills(spec: dict) -> dict:
     trace = json.loads((root / "atrace1.json").read_text())
     publish = [i + 1 for i, (event, path) in enumerate(trace) if event == "os.rename" and "/.out.tmp-" in path]
     first_write = next(i + 1 for i, (event, path) in enumerate(trace) if event == "open")
-    # inside the plotting, the first, a middle, the report.md and the metrics.json rename, the staging removal
-    points = sorted({first_write, publish[0], publish[len(publish) // 2], *publish[-2:], publish[-1] + 1})
+    # inside the plotting, the first, the report.md and the metrics.json rename, the staging removal
+    points = sorted({first_write, publish[0], *publish[-2:], publish[-1] + 1})
     old, new = runs["0"], runs["1"]
     results = []
     for n in points:

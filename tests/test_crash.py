@@ -42,7 +42,7 @@ def test_sigkill_anywhere_in_train_and_analyze(setup):
     root = setup["root"]
     runs = root / "runs"
     runs.mkdir()
-    spec = {"root": str(runs), "result": str(root / "result.json"), "steps": STEPS, "stride": 1,
+    spec = {"root": str(runs), "result": str(root / "result.json"), "steps": STEPS, "stride": 2,
             "train": ["train", "--config", str(setup["preset"]), "--quiet"],
             "checkpoint": str(runs / "base" / "out"),
             "analyze": ["--samples", "4", "--seq-len", "8", "--no-probes", "--lens-positions", "2", "--no-progress"]}
