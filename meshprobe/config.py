@@ -41,16 +41,19 @@ def parse_layout(layout: str) -> tuple[int, list[int], int, bool]:
     m = _LOOPED.match(text)
     if m:
         p, c, k, q = (int(g) for g in m.groups())
+        check_layout_size(layout, [p, q], c, k)
         if c < 1 or k < 1:
             raise UserError(f"layout {layout!r}: core layers and loop count must be >= 1 (e.g. '3+6R3+3')")
         return p, [c] * k, q, True
     if text.isdigit():
         n = int(text)
+        check_layout_size(layout, [n])
         if n < 1:
             raise UserError(f"layout {layout!r}: need at least one layer")
         return 0, [n], 0, False
     if _BLOCKS.match(text):
         parts = [int(x) for x in text.split("+")]
+        check_layout_size(layout, parts)
         if len(parts) < 3:
             raise UserError(f"layout {layout!r}: a block layout needs prelude+block+...+coda, e.g. '4+8+8+4'")
         if any(x < 1 for x in parts[1:-1]):
@@ -102,6 +105,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.layout = str(self.layout).replace(" ", "")
+        check_sizes(self)
         kind, terms = parse_variant(self.variant)
         self.variant = canonical_variant(kind, terms)
         prelude, blocks, coda, shared = parse_layout(self.layout)
@@ -234,3 +238,55 @@ def canonical_variant(kind: str, terms: frozenset[str]) -> str:
     if kind != "sum":
         return kind
     return "+".join(t for t in SUPPLEMENT_TERMS if t in terms)
+
+
+# --- size bounds (checked before anything is built) ---------------------------------------------------------
+MAX_SIZES = {"d_model": 1 << 16, "n_heads": 1 << 12, "vocab_size": 1 << 21, "n_ctx": 1 << 20, "mesh_slots": 1 << 10}
+MAX_LAYERS = 1 << 10  # layers in one part of a layout, and loop steps K
+MAX_DEPTH = 1 << 12  # unrolled depth
+
+
+def check_layout_size(layout: str, parts: list[int], core: int = 0, loops: int = 1) -> None:
+    """Refuse a layout whose numbers are absurd before a list of its layers is built."""
+    layout = layout if len(str(layout)) <= 40 else f"{str(layout)[:40]}..."
+    if any(n > MAX_LAYERS for n in [*parts, core, loops]):
+        raise UserError(f"layout {layout!r}: at most {MAX_LAYERS} layers per part and {MAX_LAYERS} loop steps")
+    if sum(parts) + core * loops > MAX_DEPTH:
+        raise UserError(f"layout {layout!r}: unrolled depth {sum(parts) + core * loops} is above {MAX_DEPTH}")
+
+
+def check_sizes(cfg: "ModelConfig") -> None:
+    """Sane upper bounds on the sizes of a config (MAX_SIZES), so absurd values fail before any allocation."""
+    for name, limit in MAX_SIZES.items():
+        value = getattr(cfg, name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            raise UserError(f"{name} = {value} is above the supported maximum {limit}")
+
+
+def estimated_parameters(cfg: "ModelConfig") -> int:
+    """A lower estimate of the parameter count without building anything: 12 d^2 per stored layer (attention
+    4 d^2, MLP 8 d^2; a shared core is stored once) plus embedding and unembedding (2 V d)."""
+    prelude, blocks, coda, shared = parse_layout(cfg.layout)
+    stored = prelude + (blocks[0] if shared else sum(blocks)) + coda
+    return 12 * cfg.d_model ** 2 * stored + 2 * cfg.vocab_size * cfg.d_model
+
+
+def machine_memory() -> int | None:
+    """Physical memory of this machine in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+def check_memory(cfg: "ModelConfig", bytes_per_param: int, what: str, available: int | None = None) -> None:
+    """Refuse a model whose estimated parameters times `bytes_per_param` (plus its rotary tables) exceed
+    `available` bytes (default: this machine's memory)."""
+    available = machine_memory() if available is None else available
+    need = estimated_parameters(cfg) * bytes_per_param + 2 * 4 * cfg.n_ctx * cfg.rotary_dims
+    if available and need > available:
+        raise UserError(f"the model ({cfg.layout}, d_model {cfg.d_model}, vocab {cfg.vocab_size}, n_ctx "
+                        f"{cfg.n_ctx}) needs about {need / 2**30:.1f} GiB for {what}, more than the "
+                        f"{available / 2**30:.1f} GiB here")

@@ -8,7 +8,11 @@ Output in DIR: ``metrics.json`` (every number behind every figure; keys document
 (paper Fig 1: update bars, RBF-CKA heatmap, spectra), ``cka_linear``, ``lens``, ``probes`` (unless
 --no-probes), ``router`` (MeSH only). Several checkpoints: ``fig3`` / ``fig4`` / ``fig5`` / ``lens`` side by side,
 and each model's own figures in ``DIR/<name>/``. Everything is written to a temporary folder beside DIR and
-moved into DIR only when the whole run succeeded, so earlier results in DIR survive a failed run.
+moved into DIR only when the whole run succeeded, so earlier results in DIR survive a failed run. Every file
+is moved with one atomic rename, metrics.json and report.md last: a run killed at any instant leaves each
+file complete (old or new) and a metrics.json that is complete and describes figures that are in DIR. Like
+``meshprobe train``, the run holds the lock ``.DIR.lock`` beside the real DIR (a second run into DIR stops
+with exit 2) and removes the staging folders that killed runs left beside DIR.
 
 Tokens: ``--samples`` windows of ``--seq-len`` tokens drawn with ``--seed`` from the validation split of the
 checkpoint's training corpus (or ``--data``), tokenized with the checkpoint's tokenizer; or the rows of
@@ -76,13 +80,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"meshprobe analyze: {res['name']}: {res['data']['n_samples']} samples x {res['data']['seq_len']} "
               f"tokens in {res['data']['seconds']:.1f} s", file=sys.stderr)
 
+    from meshprobe import _io
+
     out = Path(args.out)
-    moved = analyze_checkpoints(
-        args.checkpoints, out, names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data,
-        tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
-        threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
-        probes=not args.no_probes, progress=not args.no_progress, on_result=done)
-    figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == out})
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    real = _io.real_path(out)
+    with _io.created_parents(real), _io.out_lock(real, "analyze"):
+        for kind, _, _, folder in _io.leftovers(real):  # staging folders of killed runs (we hold the lock)
+            if kind == "tmp":
+                _io.remove_dir(folder)
+        moved = analyze_checkpoints(
+            args.checkpoints, real, names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data,
+            tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
+            threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
+            probes=not args.no_probes, progress=not args.no_progress, on_result=done)
+    figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == real})
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures: "
           f"{', '.join(figs)})")
     return 0

@@ -1,8 +1,14 @@
-"""`meshprobe info PATH`: config, parameter counts and hook names of a checkpoint."""
+"""`meshprobe info PATH`: config, parameter counts and hook names of a checkpoint.
+
+Everything a checkpoint holds for a model is validated: config.json, the weights against it, and
+tokenizer.json (it must load and fit the model's vocabulary). A checkpoint whose last save was killed
+mid-switch is read from the complete folder that save left beside PATH (a note on stderr says which).
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -11,9 +17,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshprobe.checkpoint import load_checkpoint
+    from meshprobe._io import real_path
+    from meshprobe.checkpoint import load_checkpoint, load_tokenizer
+    from meshprobe.errors import UserError
 
     model = load_checkpoint(args.path)  # validates config, weights and their agreement
+    tokenizer = load_tokenizer(model.checkpoint_dir, missing_ok=True)  # UserError when malformed
+    if tokenizer is not None and tokenizer.get_vocab_size() > model.cfg.vocab_size:
+        raise UserError(f"{model.checkpoint_dir / 'tokenizer.json'}: {tokenizer.get_vocab_size()} tokens, more than "
+                        f"the model's vocab_size {model.cfg.vocab_size}")
+    if model.checkpoint_dir != real_path(args.path):
+        print(f"meshprobe info: note: read {model.checkpoint_dir.name} beside {args.path} (its last save was "
+              "interrupted; the next save or train run puts it in place)", file=sys.stderr)
     config = model.checkpoint_config
     counts = model.parameter_counts()
     hooks = list(model.hook_dict)

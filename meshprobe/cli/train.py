@@ -57,7 +57,7 @@ def build_configs(args: argparse.Namespace):
     """(ModelConfig, TrainConfig) from --config/--resume and the overrides."""
     from pathlib import Path
 
-    from meshprobe.checkpoint import read_checkpoint_config
+    from meshprobe.checkpoint import read_checkpoint_config, resolve_checkpoint
     from meshprobe.errors import UserError
     from meshprobe.train import load_config, parse_overrides
 
@@ -66,7 +66,7 @@ def build_configs(args: argparse.Namespace):
         if not args.resume:
             raise UserError("--config is required (a preset such as tiny, or a TOML file) unless --resume is given")
         out = Path(args.out)
-        if not out.exists():
+        if not resolve_checkpoint(out).exists():  # out, or the complete folder an interrupted save left
             raise UserError(f"cannot resume: {out} does not exist (give --config to start a new run)")
         saved = read_checkpoint_config(out)
         train_d = dict(saved.get("metadata", {}).get("train") or {})

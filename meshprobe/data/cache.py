@@ -85,7 +85,7 @@ def tokenize_corpus(corpus: Corpus | str | Sequence[str], tokenizer: "tokenizers
     meta_path = entry / "meta.json"
 
     def load():
-        return {s: np.load(entry / f"{s}.npy", mmap_mode="r") for s in SPLITS}
+        return _load_entry(entry, tokenizer)
 
     if meta_path.is_file():
         return load()
@@ -93,6 +93,26 @@ def tokenize_corpus(corpus: Corpus | str | Sequence[str], tokenizer: "tokenizers
         if not meta_path.is_file():  # else another process finished meanwhile
             _build_entry(corpus, tokenizer, entry)
         return load()
+
+
+def _load_entry(entry: Path, tokenizer) -> dict[str, np.ndarray]:
+    """Memory-map a complete cache entry, checked against its meta.json and the tokenizer (never unpickles:
+    a damaged or planted file is a one-line UserError)."""
+    dtype, vocab = _token_dtype(tokenizer), tokenizer.get_vocab_size()
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        arrays = {s: np.load(entry / f"{s}.npy", mmap_mode="r", allow_pickle=False) for s in SPLITS}
+        for s, arr in arrays.items():
+            if arr.dtype != dtype or arr.ndim != 1 or len(arr) != meta[f"{s}_tokens"]:
+                raise ValueError(f"{s}.npy is {arr.dtype} {arr.shape}, meta.json says {dtype} "
+                                 f"({meta[f'{s}_tokens']},)")
+            top = max((int(arr[a:a + (1 << 24)].max()) for a in range(0, len(arr), 1 << 24)), default=0)
+            if top >= vocab:
+                raise ValueError(f"{s}.npy holds token id {top}, the tokenizer has {vocab}")
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"token cache {entry} is damaged ({detail}); delete that folder to rebuild it") from None
+    return arrays
 
 
 def _build_entry(corpus: Corpus, tokenizer, entry: Path) -> None:

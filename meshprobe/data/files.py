@@ -48,16 +48,31 @@ def _gzip_size(path: Path) -> int:
         return struct.unpack("<I", f.read(4))[0]
 
 
-def _read_text_file(path: Path) -> str:
+def _read_text_file(path: Path, strict: bool = False) -> str:
+    """The text of a .txt / .txt.gz / .txt.xz file. strict (user files): a file that is not UTF-8 text
+    (invalid UTF-8, or NUL bytes: binary data or UTF-16) is refused with a UserError rather than trained on
+    as U+FFFD characters; otherwise (the named corpora's system files) bad bytes become U+FFFD."""
     name = path.name
-    if name.endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
-            return f.read()
-    if name.endswith(".xz"):
-        with lzma.open(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
-            return f.read()
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return f.read()
+    opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    return check_text(raw, path) if strict else raw.decode("utf-8", errors="replace")
+
+
+def check_text(raw: bytes, path: Path, lineno: int | None = None) -> str:
+    """Decode UTF-8 strictly; UserError naming the file (and byte offset or line) when it is not text."""
+    where = f"{path}:{lineno}" if lineno else str(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{where}: not UTF-8 text (invalid byte at offset {exc.start}); meshprobe reads "
+                        "UTF-8 text only") from None
+    if "\x00" in text:
+        raise UserError(f"{where}: contains NUL bytes (binary data or UTF-16?); meshprobe reads UTF-8 text only")
+    return text
 
 
 @dataclass
@@ -81,6 +96,15 @@ def _is_packed(path: Path) -> bool:
 
 
 def _read_packed(path: Path) -> Iterator[_Doc]:
+    try:
+        yield from _read_packed_docs(path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def _read_packed_docs(path: Path) -> Iterator[_Doc]:
     name = path.name
     opener = gzip.open if name.endswith(".gz") else lzma.open if name.endswith(".xz") else open
     with opener(path, "rt", encoding="utf-8", newline="\n") as f:
@@ -114,8 +138,9 @@ def _read_packed(path: Path) -> Iterator[_Doc]:
 
 
 def _read_jsonl(path: Path, rel: str) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = check_text(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -180,11 +205,7 @@ class PathSource:
             elif _is_packed(p):
                 yield from _read_packed(p)
             else:
-                try:
-                    text = _read_text_file(p)
-                except (OSError, EOFError, lzma.LZMAError) as exc:
-                    raise UserError(f"cannot read {p}: {exc}") from None
-                yield _Doc(self.name, rel, text)
+                yield _Doc(self.name, rel, _read_text_file(p, strict=True))
 
     def doc_ids(self) -> list[str]:
         """Ids of the documents that the split rule places (packed documents keep their own split)."""

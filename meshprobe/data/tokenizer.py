@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from meshprobe._io import atomic_path, file_lock
+from meshprobe._io import atomic_path, committed_dir, file_lock
 from meshprobe.data.corpus import Corpus, open_corpus
 from meshprobe.data.files import _sha
 from meshprobe.errors import UserError
@@ -106,7 +106,11 @@ def load_tokenizer(path: str | os.PathLike, *, missing_ok: bool = False) -> "tok
     from tokenizers import Tokenizer
 
     path = Path(path)
-    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if path.is_dir() or not path.exists():  # a checkpoint folder: its newest complete save (meshprobe.checkpoint)
+        folder = committed_dir(path, "config.json")
+        file = folder / TOKENIZER_FILE if folder.is_dir() else path
+    else:
+        file = path
     if not file.is_file():
         if missing_ok:
             return None

