@@ -169,12 +169,48 @@ class Stack(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # MeSH: a buffer of B slots, written and read by per-step routers (paper §1.3).
 # ---------------------------------------------------------------------------------------------------------
+class MeshBuffer:
+    """The B-slot memory of one forward pass, in one of two exact representations.
+
+    Every write adds w_tau (x) x_tau to all slots, starting from m_0 = h_emb and the other slots empty, so the
+    buffer is always m = e_0 (x) h_emb + sum_tau w_tau (x) x_tau (x_tau: the prelude output, then each step's h_m)
+    and a read is  sum_b r_b m_b = r_0 h_emb + sum_tau <r, w_tau> x_tau : one scalar per token per written value.
+    The fast form keeps only the written values (no [batch, B, seq, d] tensor is built, and the backward is as
+    small); the dense form keeps the buffer itself. `dense=True` (chosen by the model when a hook is attached to
+    any `*.mesh.hook_memory`) builds the buffer at every step so the hook sees it, and any change the hook makes
+    flows into this read and every later one. The two agree up to float rounding (summation order).
+
+    Dtype: the read is done elementwise in the dtype of the written values (float32 residual stream under
+    bf16 autocast; router weights are cast to it), never through an autocast bf16 matmul.
+    """
+
+    def __init__(self, h_emb: torch.Tensor, slots: int, dense: bool) -> None:
+        self.h_emb, self.writes = h_emb, []
+        self.dense = None
+        if dense:
+            empty = h_emb.new_zeros(h_emb.shape[0], slots - 1, *h_emb.shape[1:])
+            self.dense = torch.cat([h_emb.unsqueeze(1), empty], dim=1)  # [batch, B, seq, d]
+
+    def write_read(self, w_write, x, w_read, hook_memory: HookPoint) -> torch.Tensor:
+        """Write x with weights w_write [batch, seq, B], then read with w_read: returns [batch, seq, d]."""
+        w_write, w_read = w_write.to(x.dtype), w_read.to(x.dtype)
+        if self.dense is not None:
+            memory = self.dense + w_write.transpose(1, 2).unsqueeze(-1) * x.unsqueeze(1)
+            self.dense = run_hook(hook_memory, memory)
+            return (w_read.transpose(1, 2).unsqueeze(-1) * self.dense).sum(dim=1)
+        self.writes.append((w_write, x))
+        out = w_read[..., :1] * self.h_emb
+        for w, value in self.writes:
+            out = torch.addcmul(out, (w_read * w).sum(dim=-1, keepdim=True), value)
+        return out
+
+
 class MeshStep(nn.Module):
     """One write-read cycle. Routers read the step's INPUT state; the read happens after the write.
 
         w_w = softmax(W_write x + b),  w_r = softmax(W_read x + b)      [batch, seq, B]
         m_b <- m_b + w_w[..., b] * h_m                                   (writes accumulate)
-        h_next = sum_b w_r[..., b] * m_b
+        h_next = sum_b w_r[..., b] * m_b                                 (see MeshBuffer for how)
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -185,12 +221,10 @@ class MeshStep(nn.Module):
         self.hook_read_weights = HookPoint()  # [batch, seq, B]
         self.hook_memory = HookPoint()  # [batch, B, seq, d], after this step's write
 
-    def forward(self, router_input, h_m, memory) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, router_input, h_m, memory: MeshBuffer) -> torch.Tensor:
         w_write = run_hook(self.hook_write_weights, self.write_router(router_input).softmax(dim=-1))
         w_read = run_hook(self.hook_read_weights, self.read_router(router_input).softmax(dim=-1))
-        memory = memory + w_write.transpose(1, 2).unsqueeze(-1) * h_m.unsqueeze(1)
-        memory = run_hook(self.hook_memory, memory)
-        return torch.einsum("bsn,bnsd->bsd", w_read, memory), memory
+        return memory.write_read(w_write, h_m, w_read, self.hook_memory)
 
 
 class LoopStep(nn.Module):
@@ -324,12 +358,11 @@ class MeshprobeModel(TLModelSurface, HookedRootModule):
         cfg = self.cfg
         u = cfg.prelude_layers  # unrolled index of the next layer call
         prelude_out = run_hook(self.prelude.hook_out, self.prelude(h_emb, cos, sin, self.call_sites(0, u)))
-        memory = None
         if cfg.variant == "mesh":
-            empty = h_emb.new_zeros(h_emb.shape[0], cfg.mesh_slots - 1, *h_emb.shape[1:])
-            memory = torch.cat([h_emb.unsqueeze(1), empty], dim=1)  # m_0 = h_emb, the other slots empty
+            dense = attached([self.entry.mesh.hook_memory, *(step.mesh.hook_memory for step in self.loop)])
+            memory = MeshBuffer(h_emb, cfg.mesh_slots, dense)  # m_0 = h_emb, the other slots empty
             # Entry cycle: write the prelude output, read h^(0); routers see the prelude output.
-            h, memory = self.entry.mesh(prelude_out, prelude_out, memory)
+            h = self.entry.mesh(prelude_out, prelude_out, memory)
         else:
             h = prelude_out
         h0 = h
@@ -339,7 +372,7 @@ class MeshprobeModel(TLModelSurface, HookedRootModule):
             h_m = run_hook(step.hook_core_out, stack(h, cos, sin, self.call_sites(u, len(stack.layers))))
             u += len(stack.layers)
             if cfg.variant == "mesh":
-                h_next, memory = step.mesh(h, h_m, memory)
+                h_next = step.mesh(h, h_m, memory)
             else:
                 h_next = self._supplement(step, h_m, h, h0, h_emb)
             h = run_hook(step.hook_state_out, h_next)
