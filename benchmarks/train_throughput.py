@@ -19,7 +19,8 @@ its interquartile range (25%-75%) and the number of pairs; when the IQR straddle
 decide it. `--clock cpu` (the default on a CPU device with one thread) times the ratios with the process's CPU
 time instead of the wall clock: on a shared machine the wall clock also counts the time the process waits for a
 core, which other processes' load decides, not the model; one thread's CPU time is its wall time on an idle
-machine. tokens/s is always wall-clock, and the wall-clock ratios are printed below the table and kept in the JSON. Peak memory (CUDA) is the largest over a model's rounds and includes the weights and optimizer states
+machine. tokens/s is always wall-clock; the wall-clock ratios are printed below the table and kept in the JSON.
+Peak memory (CUDA) is the largest over a model's rounds and includes the weights and optimizer states
 of the other, idle models.
 bf16 autocast and fused AdamW on CUDA, fp32 and the default AdamW on CPU. The HF model is built with
 GPTNeoXConfig(rotary_pct 0.25, use_parallel_residual True, hidden_act gelu, tie_word_embeddings False,
