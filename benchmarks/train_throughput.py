@@ -9,9 +9,19 @@ depth. Prints a markdown table (and optionally writes JSON).
 
 What is timed: rounds of `--steps` full training steps (forward, next-token loss, backward, gradient clipping,
 AdamW step, zero_grad) on a fixed random batch, after `--warmup` untimed steps (compilation happens there), with a
-device sync at both ends of a round. All models are built first and their rounds are interleaved (`--repeats`),
-so drift or other load hits them alike; the median round is reported. Peak memory (CUDA) is the largest over a
-model's rounds and includes the weights and optimizer states of the other, idle models.
+device sync at both ends of a timed unit. All models are built first and then timed interleaved, so drift or other
+load hits them alike: `--repeats` rounds, and within a round the models take turns one step at a time
+(`--interleave step`, the CPU default) or one whole round at a time (`--interleave round`, the CUDA default), in
+an order that reverses at every turn (A B C D, D C B A, ...), so each compared pair (vanilla/HF, MeSH/base) runs
+back to back. tokens/s is the median round. The ratio is the median of the per-unit paired ratios (one per step
+or round: the time of the reference model over the time of the compared model in the same turn), shown with
+its interquartile range (25%-75%) and the number of pairs; when the IQR straddles a target, the run cannot
+decide it. `--clock cpu` (the default on a CPU device with one thread) times the ratios with the process's CPU
+time instead of the wall clock: on a shared machine the wall clock also counts the time the process waits for a
+core, which other processes' load decides, not the model; one thread's CPU time is its wall time on an idle
+machine. tokens/s is always wall-clock; the wall-clock ratios are printed below the table and kept in the JSON.
+Peak memory (CUDA) is the largest over a model's rounds and includes the weights and optimizer states
+of the other, idle models.
 bf16 autocast and fused AdamW on CUDA, fp32 and the default AdamW on CPU. The HF model is built with
 GPTNeoXConfig(rotary_pct 0.25, use_parallel_residual True, hidden_act gelu, tie_word_embeddings False,
 dropout 0, attn_implementation sdpa), the same shape as our vanilla model (4x MLP, untied embeddings).
@@ -27,6 +37,7 @@ import argparse
 import gc
 import json
 import platform
+import statistics
 import sys
 import time
 
@@ -47,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (compilation happens here)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed rounds of --steps per model, interleaved over the models; the median is reported")
+    p.add_argument("--clock", choices=["auto", "wall", "cpu"], default="auto",
+                   help="clock of the paired ratios: process CPU time or wall time (auto: cpu on a 1-thread CPU run)")
+    p.add_argument("--interleave", choices=["auto", "step", "round"], default="auto",
+                   help="turn unit of the interleaving and of the paired ratios (auto: step on CPU, round on CUDA)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--only", default="vanilla,hf,base,mesh",
                    help="comma list of models to run: vanilla, hf, base, mesh")
@@ -118,7 +133,9 @@ class Runner:
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
         self.bf16 = precision == "bf16"
-        self.rounds: list[float] = []
+        self.rounds: list[float] = []  # tokens/s per round
+        self.units: list[float] = []  # wall seconds per timed turn
+        self.cpu_units: list[float] = []  # process CPU seconds per timed turn
         self.loss = None
         self.peak_mem = 0
 
@@ -146,19 +163,45 @@ class Runner:
         self.sync()
         return time.perf_counter() - t0
 
-    def time(self) -> None:
+    def time_unit(self, n_steps: int) -> float:
+        """Run n_steps timed steps; return their seconds (also appended to `units`)."""
         import torch
 
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.sync()
-        t0 = time.perf_counter()
-        for _ in range(self.args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n_steps):
             self.step()
         self.sync()
-        self.rounds.append(self.args.batch * self.args.seq * self.args.steps / (time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        self.units.append(seconds)
+        self.cpu_units.append(time.process_time() - c0)
         if self.device.type == "cuda":
             self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated(self.device))
+        return seconds
+
+
+def run_interleaved(runners: list[Runner], repeats: int, steps: int, unit: str) -> None:
+    """`repeats` rounds; within a round the runners take turns of one step (unit "step") or of the whole round
+    (unit "round"), in an order reversed at every turn. Fills each runner's `rounds` (tokens/s) and `units`."""
+    turn = 0
+    for _ in range(repeats):
+        seconds = [0.0] * len(runners)
+        for _ in range(steps if unit == "step" else 1):
+            order = list(range(len(runners)))[:: 1 if turn % 2 == 0 else -1]
+            for i in order:
+                seconds[i] += runners[i].time_unit(1 if unit == "step" else steps)
+            turn += 1
+        for runner, sec in zip(runners, seconds):
+            runner.rounds.append(runner.args.batch * runner.args.seq * steps / sec)
+
+
+def paired_ratio(times: list[float], ref_times: list[float], prefix: str = "ratio") -> dict:
+    """Median and interquartile range of the per-turn throughput ratios (= ref time / time)."""
+    ratios = sorted(r / m for m, r in zip(times, ref_times))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return {prefix: statistics.median(ratios), f"{prefix}_q1": q1, f"{prefix}_q3": q3, f"{prefix}_pairs": len(ratios)}
 
 
 def main(argv=None) -> int:
@@ -205,10 +248,12 @@ def main(argv=None) -> int:
             results.append(dict(model=kind, name=name, layout=shown, compiled=compiled, n_matmul_params=n,
                                 unrolled_depth=depth, warmup_s=warm_s,
                                 flops_per_token=flops_per_token(n, depth, args.d_model, args.seq)))
-    # Interleave the timed rounds over the models so that drift (clocks, other load) hits them alike.
-    for _ in range(args.repeats):
-        for runner in runners:
-            runner.time()
+    unit = args.interleave if args.interleave != "auto" else ("round" if device.type == "cuda" else "step")
+    clock = args.clock if args.clock != "auto" else (
+        "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
+    run_interleaved(runners, args.repeats, args.steps, unit)
+    for r, runner in zip(results, runners):
+        r["runner"] = runner
     for runner, r in zip(runners, results):
         rounds = sorted(runner.rounds)
         r["tokens_per_s"] = rounds[len(rounds) // 2]  # median round
@@ -217,8 +262,6 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             r["peak_mem_gb"] = runner.peak_mem / 1e9  # includes the other (idle) models' weights and states
         r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12) if peak else None
-    del runners
-    gc.collect()
 
     def find(kind, compiled):
         return next((r for r in results if r["model"] == kind and r["compiled"] == compiled), None)
@@ -226,24 +269,43 @@ def main(argv=None) -> int:
     for r in results:
         ref = {"vanilla": "hf", "mesh": "base"}.get(r["model"])
         other = find(ref, r["compiled"]) if ref else None
-        r["ratio"] = r["tokens_per_s"] / other["tokens_per_s"] if other else None
-        r["ratio_vs"] = ref if other else None
+        r["ratio_vs"], r["ratio_clock"] = (ref, clock) if other else (None, None)
+        if not other:
+            r["ratio"] = None
+            continue
+        mine, theirs = r["runner"], other["runner"]
+        r.update(paired_ratio(mine.units, theirs.units, "wall_ratio"))
+        r.update(paired_ratio(mine.cpu_units, theirs.cpu_units, "cpu_ratio"))
+        r.update({k.removeprefix(clock + "_"): v for k, v in r.items() if k.startswith(clock + "_ratio")})
+    for r in results:
+        runner = r.pop("runner")
+        r["units_s"], r["cpu_units_s"] = runner.units, runner.cpu_units
+    del runners
+    gc.collect()
 
     heads = args.heads or max(1, args.d_model // 64)
     print(f"\nTraining throughput on {dev_name}, torch {torch.__version__}, transformers {hf_version}, {precision}, "
           f"d_model {args.d_model}, {heads} heads, vocab {args.vocab}, batch {args.batch} x seq {args.seq}, "
-          f"median of {args.repeats} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps\n")
-    print("| model | layout | mode | matmul params/token | tokens/s | ratio | MFU |" +
+          f"median of {args.repeats} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps, "
+          f"turns of one {unit}; ratio = median of paired per-{unit} ratios [IQR] (pairs), {clock} clock\n")
+    print("| model | layout | mode | matmul params/token | tokens/s | ratio [IQR] (pairs) | MFU |" +
           (" peak mem |" if device.type == "cuda" else ""))
     print("|---|---|---|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
     for r in results:
-        ratio = f"{r['ratio']:.2f}x vs {'HF' if r['ratio_vs'] == 'hf' else r['ratio_vs']}" if r["ratio"] else ""
+        vs = "HF" if r["ratio_vs"] == "hf" else r["ratio_vs"]
+        ratio = (f"{r['ratio']:.3f}x vs {vs} [{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f}] ({r['ratio_pairs']})"
+                 if r["ratio"] else "")
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         line = (f"| {r['name']} | {r['layout']} | {'compiled' if r['compiled'] else 'eager'} | "
                 f"{r['n_matmul_params'] / 1e6:.2f} M | {r['tokens_per_s']:,.0f} | {ratio} | {mfu} |")
         if device.type == "cuda":
             line += f" {r.get('peak_mem_gb', 0):.1f} GB |"
         print(line)
+    if clock != "wall":
+        for r in results:
+            if r["ratio"]:
+                print(f"wall-clock ratio of {r['name']} {'compiled' if r['compiled'] else 'eager'}: "
+                      f"{r['wall_ratio']:.3f}x [{r['wall_ratio_q1']:.3f}-{r['wall_ratio_q3']:.3f}]")
     print(f"\ncommand: python benchmarks/train_throughput.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     if args.json:
         with open(args.json, "w") as f:

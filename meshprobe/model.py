@@ -169,12 +169,73 @@ class Stack(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # MeSH: a buffer of B slots, written and read by per-step routers (paper §1.3).
 # ---------------------------------------------------------------------------------------------------------
+class WeightedSum(torch.autograd.Function):
+    """sum_i coef[..., i, None] * values[i] for coef [batch, seq, n] and n values [batch, seq, d].
+
+    The same as a chain of addcmul, with fewer [batch, seq, d] temporaries: one output buffer forward; backward,
+    the gradient of each coefficient is a batched dot product (no product tensor) and each value's is coef_i * g.
+    """
+
+    @staticmethod
+    def forward(ctx, coef, *values):
+        ctx.save_for_backward(coef, *values)
+        out = values[0] * coef[..., :1]
+        for i, value in enumerate(values[1:], start=1):
+            out.addcmul_(coef[..., i : i + 1], value)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        coef, *values = ctx.saved_tensors
+        g = grad.unsqueeze(-2)  # [batch, seq, 1, d]
+        grad_coef = torch.cat([g @ value.unsqueeze(-1) for value in values], dim=-1).squeeze(-2)
+        return (grad_coef, *(grad * coef[..., i : i + 1] for i in range(len(values))))
+
+
+class MeshBuffer:
+    """The B-slot memory of one forward pass, in one of two exact representations.
+
+    Every write adds w_tau (x) x_tau to all slots, so the buffer is always m = sum_tau w_tau (x) x_tau over the
+    written values x_tau (first h_emb with w = e_0, i.e. m_0 = h_emb and the other slots empty; then the prelude
+    output; then each step's h_m), and a read is  sum_b r_b m_b = sum_tau <r, w_tau> x_tau : one scalar per token
+    per written value. The fast form keeps only the written values and weights, so no [batch, B, seq, d] tensor
+    is built and the backward is as small. The dense form keeps the buffer itself: `dense=True` (the model's
+    choice when a hook is attached to any `*.mesh.hook_memory`) builds it at every step so the hook sees it, and
+    a change the hook makes flows into this read and every later write and read. The two agree up to float
+    rounding (summation order; tested, forward and gradients). Router weights come slot-major, [batch, B, seq],
+    so every reduction over the B slots runs along an outer dim (PyTorch's CPU kernels for a short innermost
+    dim are ~10x slower).
+
+    Dtype: router weights are cast to the dtype of the written values and the read is elementwise, so under
+    bf16 autocast the state stays float32 like the other variants' residual stream (never an autocast bf16
+    matmul; before this class the read was a bf16 einsum).
+    """
+
+    def __init__(self, h_emb: torch.Tensor, slots: int, dense: bool) -> None:
+        e0 = torch.zeros(1, slots, 1, dtype=h_emb.dtype, device=h_emb.device)
+        e0[:, 0] = 1.0
+        self.weights, self.values = [e0.expand(h_emb.shape[0], slots, h_emb.shape[1])], [h_emb]  # the fast form
+        self.dense = (e0.unsqueeze(-1) * h_emb.unsqueeze(1)) if dense else None  # [batch, B, seq, d]
+
+    def write_read(self, w_write, x, w_read, hook_memory: HookPoint) -> torch.Tensor:
+        """Write x [batch, seq, d] with weights w_write [batch, B, seq], then read with w_read [batch, B, seq]."""
+        w_write, w_read = w_write.to(x.dtype), w_read.to(x.dtype)
+        if self.dense is not None:
+            self.dense = run_hook(hook_memory, self.dense + w_write.unsqueeze(-1) * x.unsqueeze(1))
+            return (w_read.unsqueeze(-1) * self.dense).sum(dim=1)
+        self.weights.append(w_write)
+        self.values.append(x)
+        coef = (torch.stack(self.weights, dim=1) * w_read.unsqueeze(1)).sum(dim=2)  # [batch, writes, seq]
+        # contiguous [batch, seq, writes]: a broadcast operand with a strided seq dim makes mul ~8x slower
+        return WeightedSum.apply(coef.mT.contiguous(), *self.values)
+
+
 class MeshStep(nn.Module):
     """One write-read cycle. Routers read the step's INPUT state; the read happens after the write.
 
         w_w = softmax(W_write x + b),  w_r = softmax(W_read x + b)      [batch, seq, B]
         m_b <- m_b + w_w[..., b] * h_m                                   (writes accumulate)
-        h_next = sum_b w_r[..., b] * m_b
+        h_next = sum_b w_r[..., b] * m_b                                 (see MeshBuffer for how)
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -185,12 +246,16 @@ class MeshStep(nn.Module):
         self.hook_read_weights = HookPoint()  # [batch, seq, B]
         self.hook_memory = HookPoint()  # [batch, B, seq, d], after this step's write
 
-    def forward(self, router_input, h_m, memory) -> tuple[torch.Tensor, torch.Tensor]:
-        w_write = run_hook(self.hook_write_weights, self.write_router(router_input).softmax(dim=-1))
-        w_read = run_hook(self.hook_read_weights, self.read_router(router_input).softmax(dim=-1))
-        memory = memory + w_write.transpose(1, 2).unsqueeze(-1) * h_m.unsqueeze(1)
-        memory = run_hook(self.hook_memory, memory)
-        return torch.einsum("bsn,bnsd->bsd", w_read, memory), memory
+    def forward(self, router_input, h_m, memory: MeshBuffer) -> torch.Tensor:
+        # Both routers in one matmul; softmax over the slots in slot-major layout [batch, 2, B, seq]. The hooks
+        # see [batch, seq, B] views (.mT) of the weights.
+        weight = torch.cat([self.write_router.weight, self.read_router.weight])
+        bias = torch.cat([self.write_router.bias, self.read_router.bias])
+        logits = F.linear(router_input, weight, bias).unflatten(-1, (2, -1)).permute(0, 2, 3, 1)
+        w_write, w_read = logits.softmax(dim=2).unbind(1)
+        w_write = run_hook(self.hook_write_weights, w_write.mT).mT
+        w_read = run_hook(self.hook_read_weights, w_read.mT).mT
+        return memory.write_read(w_write, h_m, w_read, self.hook_memory)
 
 
 class LoopStep(nn.Module):
@@ -317,19 +382,21 @@ class MeshprobeModel(TLModelSurface, HookedRootModule):
         logits = self.unembed(self.ln_final(h_out))
         if return_type == "logits":
             return logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        # Targets padded rather than logits sliced: the same mean over the seq - 1 predicted positions, without
+        # copying the [batch, seq - 1, vocab] logits (forward) and zero-filling their gradient (backward).
+        targets = F.pad(tokens[:, 1:], (0, 1), value=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return loss if return_type == "loss" else (logits, loss)
 
     def forward_recursive(self, h_emb, cos, sin) -> torch.Tensor:
         cfg = self.cfg
         u = cfg.prelude_layers  # unrolled index of the next layer call
         prelude_out = run_hook(self.prelude.hook_out, self.prelude(h_emb, cos, sin, self.call_sites(0, u)))
-        memory = None
         if cfg.variant == "mesh":
-            empty = h_emb.new_zeros(h_emb.shape[0], cfg.mesh_slots - 1, *h_emb.shape[1:])
-            memory = torch.cat([h_emb.unsqueeze(1), empty], dim=1)  # m_0 = h_emb, the other slots empty
+            dense = attached([self.entry.mesh.hook_memory, *(step.mesh.hook_memory for step in self.loop)])
+            memory = MeshBuffer(h_emb, cfg.mesh_slots, dense)  # m_0 = h_emb, the other slots empty
             # Entry cycle: write the prelude output, read h^(0); routers see the prelude output.
-            h, memory = self.entry.mesh(prelude_out, prelude_out, memory)
+            h = self.entry.mesh(prelude_out, prelude_out, memory)
         else:
             h = prelude_out
         h0 = h
@@ -339,7 +406,7 @@ class MeshprobeModel(TLModelSurface, HookedRootModule):
             h_m = run_hook(step.hook_core_out, stack(h, cos, sin, self.call_sites(u, len(stack.layers))))
             u += len(stack.layers)
             if cfg.variant == "mesh":
-                h_next, memory = step.mesh(h, h_m, memory)
+                h_next = step.mesh(h, h_m, memory)
             else:
                 h_next = self._supplement(step, h_m, h, h0, h_emb)
             h = run_hook(step.hook_state_out, h_next)

@@ -253,3 +253,71 @@ def test_vanilla_layer_matches_hf_gpt_neox():
     tokens = tokens_for(cfg)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MeSH: the fast (written-values) read equals the materialized buffer, which a hook on hook_memory forces.
+# ----------------------------------------------------------------------------------------------------------
+MESH_CFGS = [tiny_cfg(variant="mesh"), tiny_cfg(variant="mesh", layout="1+2+2+1"),
+             tiny_cfg(variant="mesh", layout="0+2R2+0", mesh_slots=2)]
+
+
+def _loss_and_grads(model, tokens, fwd_hooks=()):
+    model.zero_grad(set_to_none=True)
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        logits, loss = model(tokens, return_type="both")
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cfg", MESH_CFGS, ids=lambda c: c.layout)
+def test_mesh_fast_read_equals_materialized_buffer(cfg):
+    model = randomized(cfg).train()
+    tokens = tokens_for(cfg)
+    seen = []
+    identity = [(lambda n: n.endswith("mesh.hook_memory"), lambda x, hook: seen.append(x.shape) or x)]
+    fast_logits, fast_grads = _loss_and_grads(model, tokens)
+    dense_logits, dense_grads = _loss_and_grads(model, tokens, identity)
+    assert seen == [(2, cfg.mesh_slots, cfg.n_ctx, cfg.d_model)] * (cfg.n_loops + 1)  # the dense path ran
+    torch.testing.assert_close(fast_logits, dense_logits, rtol=1e-5, atol=1e-5)
+    assert fast_grads.keys() == dense_grads.keys()
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], dense_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_mesh_memory_hook_edits_flow_into_reads_and_later_writes():
+    """An edit of entry.mesh.hook_memory is carried into later steps' buffers; an edit of the last step's
+    buffer changes its read h^(K) exactly as sum_b r_b m_b of the edited slots."""
+    cfg = tiny_cfg(variant="mesh")
+    model = randomized(cfg)
+    tokens = tokens_for(cfg)
+    K = cfg.n_loops
+    last = f"loop.{K - 1}.mesh"
+
+    def bump(x, hook):
+        x = x.clone()
+        x[:, 1] += 1.0
+        return x
+
+    def zero_slot0(x, hook):
+        x = x.clone()
+        x[:, 0] = 0.0
+        return x
+
+    with torch.no_grad():
+        clean, clean_cache = model.run_with_cache(tokens)
+        with model.hooks(fwd_hooks=[("entry.mesh.hook_memory", bump)]):
+            bumped, cache = model.run_with_cache(tokens)
+        assert not torch.allclose(clean, bumped)
+        # step 0's buffer = the bumped entry buffer + step 0's write
+        w0 = cache["loop.0.mesh.hook_write_weights"]
+        want = cache["entry.mesh.hook_memory"] + w0.transpose(1, 2).unsqueeze(-1) * cache["loop.0.hook_core_out"].unsqueeze(1)
+        torch.testing.assert_close(cache["loop.0.mesh.hook_memory"], want)
+        torch.testing.assert_close(cache["entry.mesh.hook_memory"], bump(clean_cache["entry.mesh.hook_memory"], None))
+
+        with model.hooks(fwd_hooks=[(f"{last}.hook_memory", zero_slot0)]):
+            zeroed, cache = model.run_with_cache(tokens)
+        assert not torch.allclose(clean, zeroed)
+        memory = zero_slot0(clean_cache[f"{last}.hook_memory"], None)
+        want = torch.einsum("bsn,bnsd->bsd", clean_cache[f"{last}.hook_read_weights"], memory)
+        torch.testing.assert_close(cache[f"loop.{K - 1}.hook_state_out"], want, rtol=1e-5, atol=1e-5)
