@@ -241,6 +241,8 @@ def test_bad_inputs(zoo, tmp_path, capsys):
     np.save(tmp_path / "big.npy", np.full((4, 8), VOCAB + 5))
     assert "token ids" in _bad(capsys, [ck, "--out", out, "--tokens", str(tmp_path / "big.npy")])
     assert "--names" in _bad(capsys, [ck, "--out", out, "--names", "a,b"])
+    assert "--offsets" in _bad(capsys, [ck, "--out", out, "--offsets", "a,b"])
+    assert "--max-classes" in _bad(capsys, [ck, "--out", out, "--max-classes", "1"])
     assert "--tokens or --data" in _bad(capsys, [ck, "--out", out, "--tokens", str(zoo["tokens"]), "--data", "x"])
     assert not Path(out).exists()
 

@@ -292,7 +292,7 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
                         data=None, tokens: str | os.PathLike | None = None, seed: int = 0, device: str = "auto",
                         batch_size: int = 8, threads: int | None = 1, lens_positions: int | None = 64,
                         probes: bool = True, baseline: bool = True, offsets: Sequence[int] = DEFAULT_OFFSETS,
-                        max_classes: int = 64, progress: bool = True,
+                        max_classes: int = 64, l2_mode: str = "per_offset", progress: bool = True,
                         on_result: Callable[[dict], None] | None = None) -> list[Path]:
     """Analyse checkpoints and write ``out`` (metrics.json, report.md, figures; see :func:`write_outputs`).
 
@@ -316,7 +316,8 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
         model = load_checkpoint(p, device=dev)
         toks, source = _tokens_for(model, p, token_file, tokens, samples, seq_len, seed, data)
         res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
-                            offsets=offsets, max_classes=max_classes, progress=progress, seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
+                            offsets=offsets, max_classes=max_classes, l2_mode=l2_mode, progress=progress,
+                            seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
                             lens_positions=lens_positions)
         results.append(res)
         if on_result is not None:

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the probes' random-init baseline (a freshly initialised model of the same config)")
     parser.add_argument("--offsets", default="0,-1,-2,-4,-8,1", metavar="K,K,...",
                         help="target offsets k of the token probes, x[i+k] (default 0,-1,-2,-4,-8,1)")
+    parser.add_argument("--probe-l2", choices=("per_offset", "cv"), default="per_offset",
+                        help="L2 of the logistic probes: chosen by CV once per offset and shared (default, faster) "
+                             "or by CV for every probe")
     parser.add_argument("--max-classes", type=int, default=64,
                         help="token-probe classes: the most frequent target types (default 64)")
     parser.add_argument("--names", default=None, help="comma-separated display names, one per checkpoint")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
         threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
         probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
-        max_classes=args.max_classes, progress=not args.no_progress, on_result=done)
+        max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=done)
     figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == out})
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures: "
           f"{', '.join(figs)})")
