@@ -349,6 +349,9 @@ def test_unshared_block_layout_and_small_spec():
     assert res["router"] is not None
     # 3 sequences of 8 random tokens cannot support a token probe: every offset is dropped, with a note each
     assert res["probes"]["token"] == {} and sum("dropped" in n for n in res["notes"]) == 6
+    from meshprobe.analysis.report import render_report
+
+    assert "Token probes**: none" in render_report([res])
 
 
 def test_analyze_model_rejects_bad_tokens():

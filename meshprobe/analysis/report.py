@@ -79,6 +79,8 @@ def _ci(res: dict, field: str, ci: str, nd: int = 3) -> str:
 def _probe_lines(pr: dict) -> list[str]:
     """The probe numbers of one model, each with its 95% CI and its baseline."""
     cfg = pr["config"]
+    if not pr["token"]:
+        return ["- **Token probes**: none (see the notes)."] + _loop_lines(pr)
     offs = sorted(cfg["offsets"])
     keys = ["0" if k == 0 else f"{k:+d}" for k in offs]
     ri = (pr.get("random_init") or {}).get("token") or {}
@@ -107,6 +109,11 @@ def _probe_lines(pr: dict) -> list[str]:
             lines.append(f"  | {f} | " + " | ".join(_ci(res[k], "delta_ce", "delta_ce_ci") if k in res else "—"
                                                     for k in ik) + " |")
         lines.append("")
+    return lines + _loop_lines(pr)
+
+
+def _loop_lines(pr: dict) -> list[str]:
+    lines = []
     loop = pr.get("loop_step")
     if loop:
         bits = [f"{k} {_ci(loop[k], 'accuracy', 'ci', 2)} (null q95 {_f(loop[k]['null_q95'], 2)}, p "
