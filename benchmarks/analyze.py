@@ -6,6 +6,7 @@
 
 Each N runs in a fresh Python process so the peaks do not mix. Reported per N:
 
+* ``CPU seconds``: CPU time of the process during the analysis (on a loaded machine wall time exceeds it);
 * ``seconds``: wall time of ``analyze_model`` alone (the model is built and the tokens drawn before the clock
   starts; the first batch's one-off costs are included);
 * ``peak RSS delta``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after the analysis minus the same value just
@@ -55,18 +56,24 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     an: list = []
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
-    analyze_model(model, tokens, batch_size=args.batch_size, device=device, probes=not args.no_probes,
-                  progress=False, threads=None if args.threads == 0 else args.threads, analyzer_out=an)
+    res = analyze_model(model, tokens, batch_size=args.batch_size, device=device, probes=not args.no_probes,
+                        baseline=not args.no_baseline, l2_mode=args.l2_mode, progress=False,
+                        threads=None if args.threads == 0 else args.threads, analyzer_out=an)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"n": n, "seconds": seconds, "rss_before_mib": before / 1024, "rss_peak_mib": after / 1024,
+    out = {"n": n, "seconds": seconds, "cpu_seconds": cpu, "rss_before_mib": before / 1024, "rss_peak_mib": after / 1024,
            "rss_delta_mib": (after - before) / 1024, "accumulators_mib": an[0].nbytes / 2**20,
            "model": f"{model.cfg.layout} {model.cfg.variant} d{model.cfg.d_model}"}
     if device.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if args.metrics_out:
+        with open(f"{args.metrics_out}.n{n}.json", "w") as fh:
+            json.dump(res, fh)
     return out
 
 
@@ -82,6 +89,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-probes", action="store_true")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the random-init baseline of the probes")
+    ap.add_argument("--l2-mode", default="per_offset", help="probe L2 selection: per_offset (default) or cv")
+    ap.add_argument("--metrics-out", default=None, help="also write each N's metrics to PREFIX.n<N>.json")
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -97,6 +107,9 @@ def main() -> None:
             cmd += ["--ckpt", args.ckpt]
         if args.no_probes:
             cmd.append("--no-probes")
+        if args.no_baseline:
+            cmd.append("--no-baseline")
+        cmd += ["--l2-mode", args.l2_mode] + (["--metrics-out", args.metrics_out] if args.metrics_out else [])
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             sys.exit(f"N={n} failed:\n{res.stderr}")
@@ -104,13 +117,14 @@ def main() -> None:
         print(f"N={n}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
     cuda = any("cuda_peak_mib" in r for r in rows)
     print(f"\n`analyze_model` on {rows[0]['model']}, seq_len {args.seq_len}, batch {args.batch_size}, "
-          f"probes {'off' if args.no_probes else 'on'}, device {args.device}, threads {args.threads}; "
+          f"probes {'off' if args.no_probes else 'on'}, baseline {'off' if args.no_baseline else 'on'}, "
+          f"l2 {args.l2_mode}, load average {os.getloadavg()[0]:.2f}, device {args.device}, threads {args.threads}; "
           f"{platform.machine()}, {os.cpu_count()} CPUs\n")
-    head = "| N | seconds | s / sample | peak RSS delta (MiB) | peak RSS (MiB) | accumulators (MiB) |"
+    head = "| N | seconds | CPU seconds | s / sample | peak RSS delta (MiB) | peak RSS (MiB) | accumulators (MiB) |"
     print(head + (" CUDA peak (MiB) |" if cuda else ""))
-    print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for r in rows:
-        line = (f"| {r['n']} | {r['seconds']:.1f} | {r['seconds'] / r['n']:.3f} | {r['rss_delta_mib']:.0f} | "
+        line = (f"| {r['n']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['seconds'] / r['n']:.3f} | {r['rss_delta_mib']:.0f} | "
                 f"{r['rss_peak_mib']:.0f} | {r['accumulators_mib']:.1f} |")
         print(line + (f" {r['cuda_peak_mib']:.0f} |" if cuda else ""))
 

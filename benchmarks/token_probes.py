@@ -23,11 +23,12 @@ def tokens_for(ckpt: str, n: int, seq_len: int) -> torch.Tensor:
     if seq_len == 128:
         return torch.from_numpy(np.load("checkpoints/val_tokens.npy").astype(np.int64))[:n]
     from meshprobe import data as D
-    from meshprobe.analysis.run import _default_data_spec
+    from meshprobe.analysis.run import default_data_spec
     from meshprobe.analysis.stats import sample_disjoint_windows
-    from meshprobe.checkpoint import load_tokenizer, read_checkpoint_config
+    from meshprobe.checkpoint import read_checkpoint_config
+    from meshprobe.data import load_tokenizer
 
-    corpus = D.open_corpus(_default_data_spec(read_checkpoint_config(ckpt)), quiet=True)
+    corpus = D.open_corpus(default_data_spec(read_checkpoint_config(ckpt)), quiet=True)
     ids = D.tokenize_corpus(corpus, load_tokenizer(ckpt))["val"]
     return torch.from_numpy(sample_disjoint_windows(ids, n, seq_len, seed=0))
 

@@ -124,10 +124,11 @@ NOTEBOOKS = {
                       'from IPython.display import Image\nImage(filename="nb_out/compare/fig3.png")'),
         new_code_cell('Image(filename="nb_out/compare/fig4.png")'),
         new_code_cell('Image(filename="nb_out/compare/fig5.png")'),
-        new_markdown_cell("Probes: how much of the current / previous / next token can a linear probe read from each "
-                          "state and memory slot (selectivity = accuracy minus control-task accuracy)?"),
-        new_code_cell('mesh = metrics[-1]\nfor feature, tasks in mesh["probes"]["token"].items():\n'
-                      '    print(f"{feature:8s}", {t: round(v["selectivity"], 3) for t, v in tasks.items()})'),
+        new_markdown_cell("Probes: how well can a balanced logistic probe read the token x[i+k] from each state and "
+                          "memory slot (accuracy with its 95% CI; chance = 1/classes; compare with h_emb)?"),
+        new_code_cell('mesh = metrics[-1]\nfor feature, offsets in mesh["probes"]["token"].items():\n'
+                      '    print(f"{feature:8s}", {k: (round(v["accuracy"], 2), [round(c, 2) for c in v["ci"]]) '
+                      'for k, v in offsets.items()})'),
         new_code_cell('plots.plot_model(mesh, "nb_out/mesh")\nImage(filename="nb_out/mesh/router.png")'),
     ],
     "04_train_your_own.ipynb": [

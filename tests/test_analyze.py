@@ -19,6 +19,7 @@ from meshprobe import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from meshprobe.analysis import collect, plots
 from meshprobe.analysis import metrics as M
 from meshprobe.analysis import run as R
+from meshprobe.analysis.loop_probes import LOOP_FEATURES
 from meshprobe.cli import main
 
 N_CTX, VOCAB, SEQ = 32, 300, 32
@@ -28,6 +29,13 @@ def small_model(variant="mesh", layout="1+2R2+1", seed=0, **kw):
     torch.manual_seed(seed)
     cfg = ModelConfig(d_model=32, n_heads=4, vocab_size=VOCAB, n_ctx=N_CTX, layout=layout, variant=variant, **kw)
     return build_model(cfg).eval()
+
+
+def zipf_tokens(n, seq=SEQ, seed=0, a=1.1):
+    """Token ids with a Zipf-like frequency profile (so the probes' frequent classes have rows)."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, VOCAB + 1) ** a
+    return torch.from_numpy(rng.choice(VOCAB, size=(n, seq), p=p / p.sum()).astype(np.int64))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +52,7 @@ def zoo(tmp_path_factory):
     for name, variant, layout in (("mesh", "mesh", "1+2R2+1"), ("base", "base", "1+2R2+1"), ("van", "vanilla", "4")):
         ckpts[name] = save_checkpoint(small_model(variant, layout), root / name, tokenizer=tok,
                                       train={"data": str(corpus), "seq_len": SEQ})
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, VOCAB, size=(12, SEQ)).astype(np.int32)
+    tokens = zipf_tokens(12, seed=0).numpy().astype(np.int32)
     np.save(root / "tokens.npy", tokens)
     return {"root": root, "ckpt": ckpts, "tokens": root / "tokens.npy", "corpus": corpus}
 
@@ -120,14 +127,24 @@ def test_metrics_values_in_range(cli_run):
         lens = m["lens"]
         assert lens["positions"] == SEQ - 1
         assert all(_finite(x) and x > 0 for x in lens["loss"]["mean"])
-        assert m["probes"]["config"]["n_train_seqs"] + m["probes"]["config"]["n_test_seqs"] == 12
-        for feat, tasks in m["probes"]["token"].items():
-            for task, res in tasks.items():
-                assert 0 <= res["acc"] <= 1 and 0 <= res["chance"] <= 1 and res["n_test"] > 0
-                assert math.isclose(res["selectivity"], res["acc"] - res["control_acc"], abs_tol=1e-12)
+        pr = m["probes"]
+        assert pr["config"]["n_train_seqs"] + pr["config"]["n_test_seqs"] == 12
+        assert set(pr["token"]) == set(pr["features"]) and pr["features"][: len(m["states"])] == m["states"]
+        for block in [pr["token"], pr["random_init"]["token"]]:
+            for feat, offsets in block.items():
+                for k, res in offsets.items():
+                    assert 0 <= res["accuracy"] <= 1 and res["n_test"] > 0 and res["offset"] == int(k)
+                    assert res["ci"][0] <= res["accuracy"] <= res["ci"][1]
+                    assert math.isclose(res["chance"], 1 / res["classes"])
+                    assert res["r2_ci"][0] <= res["r2"] <= res["r2_ci"][1] and res["r2"] <= 1
+        for feat, offsets in pr["increment"].items():
+            assert feat != "h_emb" and "0" not in offsets
+            for res in offsets.values():
+                assert res["delta_ce_ci"][0] <= res["delta_ce"] <= res["delta_ce_ci"][1]
+        assert pr["random_init"]["features"] == [m["states"][-2]]
         # a random model's embedding still identifies the current token far above chance
-        cur = m["probes"]["token"]["h_emb"]["current"]
-        assert cur["acc"] > cur["chance"] + 0.2
+        cur = pr["token"]["h_emb"]["0"]
+        assert cur["accuracy"] > cur["chance"] + 0.2 and cur["retrieval_top1"] > 0.9
 
 
 def test_mesh_router_and_slots(cli_run):
@@ -151,11 +168,13 @@ def test_mesh_router_and_slots(cli_run):
         assert m["router"] is None
         assert any("router analysis" in n and "skipped" in n for n in m["notes"])
         assert not any(f.startswith("m") and f[1:].isdigit() for f in m["probes"]["features"])
-    # loop-index probe: recursive only, two kinds of features, chance 1/K on balanced rows
-    for kind in ("state", "update"):
-        li = mesh["probes"]["loop_index"][kind]
-        assert 0 <= li["acc"] <= 1 and math.isclose(li["chance"], 0.5)
-    assert van["probes"]["loop_index"] is None
+    # loop-step probe: recursive only, six feature sets, chance 1/K on balanced rows, a permutation null
+    for kind in LOOP_FEATURES:
+        li = mesh["probes"]["loop_step"][kind]
+        assert li["ci"][0] <= li["accuracy"] <= li["ci"][1] and math.isclose(li["chance"], 0.5)
+        assert li["n_perm"] > 0 and 0 < li["p_value"] <= 1
+    assert mesh["probes"]["loop_step"]["state_norm"]["n_features"] == 1
+    assert van["probes"]["loop_step"] is None
     assert van["states"][0] == "h_emb" and van["states"][-1] == "h_out" and van["blocks"][0] == "layer 1"
 
 
@@ -222,6 +241,8 @@ def test_bad_inputs(zoo, tmp_path, capsys):
     np.save(tmp_path / "big.npy", np.full((4, 8), VOCAB + 5))
     assert "token ids" in _bad(capsys, [ck, "--out", out, "--tokens", str(tmp_path / "big.npy")])
     assert "--names" in _bad(capsys, [ck, "--out", out, "--names", "a,b"])
+    assert "--offsets" in _bad(capsys, [ck, "--out", out, "--offsets", "a,b"])
+    assert "--max-classes" in _bad(capsys, [ck, "--out", out, "--max-classes", "1"])
     assert "--tokens or --data" in _bad(capsys, [ck, "--out", out, "--tokens", str(zoo["tokens"]), "--data", "x"])
     assert not Path(out).exists()
 
@@ -253,30 +274,39 @@ def test_help_does_not_import_torch():
 # library-level pipeline
 # ---------------------------------------------------------------------------------------------------------
 def test_memory_does_not_grow_with_samples():
-    """The accumulators (running stats, probe statistics) have the same size after 8 and after 32 samples.
+    """The accumulators (running stats, probe rows and statistics) have the same size after 64 and after 128
+    samples once the probes' row caps bind (small caps here; the defaults bind at a few hundred samples).
 
-    Token ids come from a 20-id alphabet so that both runs see every id: the probes' class count (at most
-    max_classes) is the only size that depends on the data, through the number of distinct training ids."""
+    Token ids come from a 20-id alphabet so that both runs see every id and fill every class's cap."""
     model = small_model("mesh")
     sizes = []
-    for n in (8, 32):
+    caps = dict(max_train_per_class=8, max_test_per_class=4, retrieval_test_rows=64)
+    for n in (64, 128):
         tokens = torch.arange(n * SEQ).view(n, SEQ) * 7 % 20
         an = []
-        R.analyze_model(model, tokens, batch_size=4, progress=False, analyzer_out=an)
+        R.analyze_model(model, tokens, batch_size=16, progress=False, analyzer_out=an, baseline=False,
+                        offsets=(0, -1), probe_options=caps)
         sizes.append(an[0].nbytes)
         assert an[0].n_seen == n
-    assert sizes[0] == sizes[1] > 0
+    # the planned rows are a union over offsets, so their count jitters by a few rows; it does not grow with N
+    assert sizes[0] > 0 and abs(sizes[1] - sizes[0]) <= 0.01 * sizes[0]
 
 
 def test_analyze_model_is_deterministic_and_batch_size_free():
     model = small_model("residual")
-    tokens = torch.randint(0, VOCAB, (10, SEQ), generator=torch.Generator().manual_seed(1))
-    a = R.analyze_model(model, tokens, batch_size=3, progress=False)
-    b = R.analyze_model(model, tokens, batch_size=10, progress=False)
+    tokens = zipf_tokens(10, seed=1)
+    a = R.analyze_model(model, tokens, batch_size=3, progress=False, offsets=(0, 1))
+    b = R.analyze_model(model, tokens, batch_size=10, progress=False, offsets=(0, 1))
     for key in ("update", "effective_rank"):
         np.testing.assert_allclose(a[key]["mean"], b[key]["mean"], rtol=1e-5)
     np.testing.assert_allclose(a["cka"]["rbf"]["mean"], b["cka"]["rbf"]["mean"], rtol=1e-5)
-    assert a["probes"]["token"]["h^(1)"]["next"]["acc"] == pytest.approx(b["probes"]["token"]["h^(1)"]["next"]["acc"])
+    # same seed and batch size: the same numbers; another batch size changes the forward's rounding only
+    assert R.analyze_model(model, tokens, batch_size=3, progress=False, offsets=(0, 1))["probes"] == a["probes"]
+    for feat, offsets in a["probes"]["token"].items():
+        for k, res in offsets.items():
+            other = b["probes"]["token"][feat][k]
+            assert res["accuracy"] == pytest.approx(other["accuracy"], abs=1 / res["n_test"] + 1e-9)
+            assert res["r2"] == pytest.approx(other["r2"], abs=1e-3)
 
 
 def test_per_sample_numbers_match_the_metric_functions():
@@ -316,7 +346,12 @@ def test_unshared_block_layout_and_small_spec():
     assert set(spec.hook_names()) <= set(model.hook_dict)
     tokens = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(4))
     res = R.analyze_model(model, tokens, progress=False)
-    assert res["probes"]["config"]["n_test_seqs"] == 1 and res["router"] is not None
+    assert res["router"] is not None
+    # 3 sequences of 8 random tokens cannot support a token probe: every offset is dropped, with a note each
+    assert res["probes"]["token"] == {} and sum("dropped" in n for n in res["notes"]) == 6
+    from meshprobe.analysis.report import render_report
+
+    assert "Token probes**: none" in render_report([res])
 
 
 def test_analyze_model_rejects_bad_tokens():

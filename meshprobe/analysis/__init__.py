@@ -1,5 +1,5 @@
 """Analyses of recursive / MeSH models: `metrics` (paper §2 diagnostics as tensor functions, streaming stats)
-and `probes` (streaming linear probes). Submodules are imported explicitly; nothing heavy is imported here."""
+and the probes (`token_probes`, `loop_probes`, wired together in `probe_suite`). Submodules are imported explicitly; nothing heavy is imported here."""
 
 
 def __getattr__(name):  # lazy public API (issue 9), so that importing the package does not import torch

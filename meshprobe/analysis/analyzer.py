@@ -12,8 +12,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from meshprobe.analysis import metrics as M
-from meshprobe.analysis import probes as P
 from meshprobe.analysis.collect import StateSpec, state_spec
+from meshprobe.analysis.probe_suite import ProbeSuite
 from meshprobe.analysis.schema import to_jsonable
 from meshprobe.errors import UserError
 from meshprobe.evaluate import token_loss
@@ -65,42 +65,26 @@ def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Analyzer:
     """Fixed-size accumulators for one model; feed it batches with :meth:`update`, then call :meth:`result`.
 
-    ``n_samples`` fixes the train / test split of the probes (the last ``max(1, round(test_fraction * N))``
-    sequence ids are the test set; train ids must all be fed before the first test id). ``label_map`` is the
-    token-class map of the probes (built from the training sequences by :func:`analyze_model`).
+    ``probe_suite``: the probes (:class:`~meshprobe.analysis.probe_suite.ProbeSuite`, built from the whole
+    token sample by :func:`~meshprobe.analysis.run.analyze_model`; ``None`` = no probes). Batches may come in
+    any order.
     """
 
-    def __init__(self, model, n_samples: int, *, label_map: P.TokenLabelMap | None = None, probes: bool = True,
-                 seed: int = 0, sigma_frac: float = 0.5, top: int = 50, l2: float = 1e-2,
-                 test_fraction: float = 0.2, max_classes: int = 256, lens_positions: int | None = 64,
+    def __init__(self, model, n_samples: int, *, probe_suite: ProbeSuite | None = None, seed: int = 0,
+                 sigma_frac: float = 0.5, top: int = 50, lens_positions: int | None = 64,
                  small_op_threads: int | None = 1):
         if n_samples < 2:
             raise UserError(f"need at least 2 samples, got {n_samples}")
         self.model = model
         self.spec: StateSpec = state_spec(model)
         self.n_samples = int(n_samples)
-        self.n_test = max(1, int(round(test_fraction * n_samples)))
-        self.n_train = self.n_samples - self.n_test
-        self.seed, self.sigma_frac, self.top, self.l2 = int(seed), float(sigma_frac), int(top), float(l2)
-        self.test_fraction = float(test_fraction)
-        self.max_classes = int(max_classes)
+        self.seed, self.sigma_frac, self.top = int(seed), float(sigma_frac), int(top)
         self.small_op_threads = small_op_threads
         self.lens_positions = lens_positions
         self._n_lens_positions = 0
         self.stats: dict[str, M.RunningStats] = {}
-        self.probes_on = bool(probes)
-        self.suite: P.ProbeSuite | None = None
-        self.label_map = label_map
-        if self.probes_on:
-            if label_map is None:
-                raise ValueError("probes need a label_map (TokenLabelMap of the training sequences)")
-            loop_states = {name: t for t, name in enumerate(self.spec.loop_states)}
-            self.suite = P.ProbeSuite(label_map, loop_states=loop_states or None, l2=l2, control_seed=seed,
-                                      split_seed=seed, test_fraction=test_fraction)
-        self._update_probe: P.MultiTaskRidgeProbe | None = None
-        self._update_tally: dict[str, P.Tally] = {}
+        self.suite = probe_suite
         self.n_seen = 0
-        self._max_test_seen = -1
 
     # -- accumulators --------------------------------------------------------------------------------------
     def _rs(self, key: str) -> M.RunningStats:
@@ -114,13 +98,8 @@ class Analyzer:
         """Bytes held by all accumulators (independent of the number of samples fed)."""
         total = sum(rs.nbytes for rs in self.stats.values())
         if self.suite is not None:
-            total += self.suite.nbytes
-        if self._update_probe is not None:
-            total += self._update_probe.nbytes
+            total += self.suite.nbytes()
         return total
-
-    def is_test(self, seq_id: int) -> bool:
-        return seq_id >= self.n_train
 
     # -- one batch -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,7 +128,7 @@ class Analyzer:
             if spec.is_mesh:
                 self._router(cache)
             if self.suite is not None:
-                self._probe_batch(seq_ids, tok, cache)
+                self.suite.update(seq_ids, cache)
         self.n_seen += b
 
     def _diagnostics(self, cache: Mapping[str, torch.Tensor]) -> None:
@@ -182,55 +161,6 @@ class Analyzer:
         norms = torch.stack([cache[f"{p}.hook_memory"].norm(dim=-1).double().mean(-1) for _, p in steps], dim=1)
         self._rs("router_slot_norm").update_batch(norms)  # [b, T, B]
 
-    def _probe_batch(self, seq_ids: list[int], tok: torch.Tensor, cache: Mapping[str, torch.Tensor]) -> None:
-        spec, suite = self.spec, self.suite
-        mem = cache[spec.final_memory_hook] if spec.is_mesh else None
-        for i, sid in enumerate(seq_ids):
-            feats = {name: cache[h][i] for name, h in spec.states}
-            if mem is not None:
-                feats.update({f"m{s}": mem[i, s] for s in range(mem.shape[1])})
-            updates = [cache[o][i] - cache[a][i] for _, a, o in spec.core_steps]
-            if self.is_test(sid):
-                self._max_test_seen = max(self._max_test_seen, sid)
-                suite.evaluate(tok[i], feats, seq_id=sid, split="test")
-                self._update_eval(tok[i], updates)
-            else:
-                if self._max_test_seen >= 0:
-                    raise ValueError("probe training sequences must all come before the first test sequence")
-                suite.update(tok[i], feats, seq_id=sid, split="train")
-                self._update_fit(tok[i], updates)
-
-    # loop-index probe on the updates f_core(h^(t)) - h^(t): same probe class and l2 as the suite
-    def _update_rows(self, tok: torch.Tensor, updates: list[torch.Tensor]):
-        K = len(updates)
-        rows = P.token_task_rows(tok.shape[0], self.suite.tasks).to(tok.device)
-        X = torch.cat([u[rows] for u in updates])
-        y = torch.arange(K, device=tok.device).repeat_interleave(rows.numel())
-        ctrl = P.control_labels(tok[rows], K, self.seed, salt=P.LOOP_TASK).repeat(K)
-        return X, {P.LOOP_TASK: y, P.LOOP_TASK + P.CONTROL_SUFFIX: ctrl}
-
-    def _update_fit(self, tok: torch.Tensor, updates: list[torch.Tensor]) -> None:
-        if not updates:
-            return
-        X, labels = self._update_rows(tok, updates)
-        if X.shape[0] == 0:
-            return
-        if self._update_probe is None:
-            K = len(updates)
-            self._update_probe = P.MultiTaskRidgeProbe(X.shape[1], {k: K for k in labels}, self.l2)
-        self._update_probe.partial_fit(X, labels)
-
-    def _update_eval(self, tok: torch.Tensor, updates: list[torch.Tensor]) -> None:
-        p = self._update_probe
-        if not updates or p is None or p.n == 0:
-            return
-        X, labels = self._update_rows(tok, updates)
-        if X.shape[0] == 0:
-            return
-        for task, pred in p.predict(X).items():
-            maj = int(p.class_counts(task).argmax())
-            self._update_tally.setdefault(task, P.Tally()).add(pred, labels[task], maj)
-
     # -- result ------------------------------------------------------------------------------------------------
     def result(self) -> dict[str, Any]:
         """The per-model metrics dict (tensors converted to lists, NaN to None): see METRICS_KEYS."""
@@ -258,8 +188,12 @@ class Analyzer:
         if self.suite is None:
             out["probes"] = None
             notes.append("probes skipped (--no-probes)")
+        elif not self.suite.active:
+            out["probes"] = None
+            notes += self.suite.notes + ["probes skipped: the sample supports no probe"]
         else:
-            out["probes"] = self._probe_result(notes)
+            out["probes"] = self.suite.result()
+            notes += self.suite.notes
         # router
         if spec.is_mesh:
             B = spec.n_slots
@@ -278,42 +212,3 @@ class Analyzer:
             notes.append(f"only {self.n_seen} of {self.n_samples} samples were fed")
         out["notes"] = notes
         return to_jsonable(out)
-
-    def _probe_result(self, notes: list[str]) -> dict[str, Any]:
-        suite, spec = self.suite, self.spec
-        if self._max_test_seen < 0:
-            raise ValueError("no test sequence was fed to the probes")
-        res = suite.results()
-        lm = self.label_map
-        features = spec.state_names + ([f"m{b}" for b in range(spec.n_slots)] if spec.is_mesh else [])
-        token = {f: res[f] for f in features if f in res}
-        loop_index = None
-        if spec.loop_states:
-            state = res.get(suite.loop_key, {}).get(P.LOOP_TASK)
-            upd = None
-            p = self._update_probe
-            if p is not None and self._update_tally:
-                upd = P.probe_fields(self._update_tally.get(P.LOOP_TASK),
-                                     self._update_tally.get(P.LOOP_TASK + P.CONTROL_SUFFIX),
-                                     float(p.class_counts(P.LOOP_TASK).sum()))
-            loop_index = {"state": state, "update": upd}
-            if len(spec.loop_states) == 1:
-                notes.append("K = 1: the loop-index probe has a single class (trivially 100%)")
-        else:
-            notes.append("loop-index probe skipped: the model has no loop")
-        return {
-            "config": {
-                "classifier": "closed-form ridge classifier on one-hot targets, standardized features, argmax "
-                              "(sklearn RidgeClassifier model), streamed sufficient statistics",
-                "l2": self.l2, "max_classes": self.max_classes, "n_classes": int(lm.n_classes),
-                "split": f"by sequence index: the last max(1, round({self.test_fraction} N)) sequences are test",
-                "n_train_seqs": self.n_train, "n_test_seqs": self.n_test,
-                "rows": "every position t in [2, seq-2] of a sequence",
-                "control": f"Hewitt & Liang: a fixed random label per current token type, drawn from the task's "
-                           f"label distribution (seed {self.seed}); loop index: random map to [0, K)",
-            },
-            "features": features,
-            "tasks": list(suite.tasks),
-            "token": token,
-            "loop_index": loop_index,
-        }

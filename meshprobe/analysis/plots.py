@@ -9,11 +9,12 @@ crash never leaves a half-written file; figures are closed after saving. Layouts
 * ``fig1`` (one model; paper Fig 1): (a) relative update per block, mean +- std over samples; (b) RBF-CKA
   heatmap between states; (c) top-50 normalized singular values per state, log y, mean +- std bands.
 * ``cka_linear``: the linear-CKA heatmap. ``lens``: next-token loss of every state decoded directly and
-  through the coda, with the model's loss. ``probes``: probe accuracy and selectivity per feature space and
-  task, and the loop-index probe against chance. ``router`` (MeSH): mean write / read weight per step and
+  through the coda, with the model's loss. ``probes``: the token / retrieval / increment / loop-step probes
+  (:mod:`meshprobe.analysis.probe_plots`). ``router`` (MeSH): mean write / read weight per step and
   slot, router entropy per step, slot norms.
 * ``fig3`` / ``fig4`` / ``fig5`` (several models; paper Fig 3-5): relative update, RBF CKA and spectra side by
-  side. ``lens`` (several models): lens losses per model.
+  side. ``lens`` (several models): lens losses per model. ``probes`` / ``loop_step`` (several models with
+  probes): :func:`meshprobe.analysis.probe_plots.plot_probe_comparison`.
 """
 from __future__ import annotations
 
@@ -179,47 +180,12 @@ def plot_model(m: dict, out_dir: str | os.PathLike) -> list[Path]:
         out += save_figure(fig, out_dir, "lens")
 
         if m.get("probes"):
-            out += _plot_probes(m, out_dir)
+            from meshprobe.analysis.probe_plots import plot_probes
+
+            out += plot_probes(m, out_dir)
         if m.get("router"):
             out += _plot_router(m, out_dir)
     return out
-
-
-def _plot_probes(m: dict, out_dir) -> list[Path]:
-    pr = m["probes"]
-    feats = [f for f in pr["features"] if f in pr["token"]]
-    tasks = pr["tasks"]
-    acc = np.array([[_nan(pr["token"][f][t]["acc"]) for t in tasks] for f in feats])
-    sel = np.array([[_nan(pr["token"][f][t]["selectivity"]) for t in tasks] for f in feats])
-    chance = np.array([[_nan(pr["token"][f][t]["chance"]) for t in tasks] for f in feats])
-    loop = pr.get("loop_index")
-    ncols = 3 if loop else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(3.3 * ncols + 1, 0.32 * len(feats) + 2.2))
-    for ax, mat, title, cmap, lo, hi in ((axes[0], acc, "accuracy", "viridis", 0, 1),
-                                        (axes[1], sel, "selectivity (acc - control)", "vlag", -1, 1)):
-        sns.heatmap(mat, ax=ax, vmin=lo, vmax=hi, cmap=cmap, annot=len(feats) <= 16, fmt=".2f",
-                    annot_kws={"size": 6}, xticklabels=tasks, yticklabels=feats, cbar_kws={"shrink": 0.8})
-        ax.set_title(title)
-        ax.tick_params(axis="y", rotation=0)
-    axes[0].set_xlabel(f"chance (majority) {np.nanmin(chance):.2f} - {np.nanmax(chance):.2f}")
-    if loop:
-        ax = axes[2]
-        kinds = [k for k in ("state", "update") if loop.get(k)]
-        x = np.arange(len(kinds))
-        accs = [_nan(loop[k]["acc"]) for k in kinds]
-        ctrl = [_nan(loop[k]["control_acc"]) for k in kinds]
-        ax.bar(x - 0.18, accs, width=0.36, label="probe")
-        ax.bar(x + 0.18, ctrl, width=0.36, label="control", color="lightgray")
-        for i, k in enumerate(kinds):
-            ax.hlines(_nan(loop[k]["chance"]), i - 0.4, i + 0.4, colors="k", linestyles="--", lw=1,
-                      label="chance" if i == 0 else None)
-        ax.set_xticks(x, [r"$h^{(t+1)}$" if k == "state" else r"$f(h^{(t)}) - h^{(t)}$" for k in kinds])
-        ax.set_ylim(0, 1.05)
-        ax.set_title("loop-index probe")
-        ax.legend(frameon=False, loc="lower right")
-    fig.suptitle(f"{m.get('name', '')}: linear probes (test split, {pr['config']['n_test_seqs']} sequences)")
-    fig.tight_layout()
-    return save_figure(fig, out_dir, "probes")
 
 
 def _plot_router(m: dict, out_dir) -> list[Path]:
@@ -315,4 +281,7 @@ def plot_comparison(models: Sequence[dict], names: Sequence[str] | None, out_dir
         fig.suptitle("lens: next-token loss of intermediate states")
         fig.tight_layout()
         out += save_figure(fig, out_dir, "lens")
+    from meshprobe.analysis.probe_plots import plot_probe_comparison
+
+    out += plot_probe_comparison(models, names, out_dir)
     return out

@@ -61,7 +61,7 @@ def _model_section(m: dict) -> list[str]:
     lines.append(txt + f"; model loss {_f(lens['model_loss']['mean'], 3)}.")
     pr = m.get("probes")
     if pr:
-        lines.append(_probe_line(pr))
+        lines += _probe_lines(pr)
     r = m.get("router")
     if r:
         lines.append(_router_line(r))
@@ -71,27 +71,58 @@ def _model_section(m: dict) -> list[str]:
     return lines
 
 
-def _probe_line(pr: dict) -> str:
-    tok = pr["token"]
-    parts = []
-    for task in pr["tasks"]:
-        best = None
-        for feat, res in tok.items():
-            sel = res.get(task, {}).get("selectivity")
-            if sel is not None and (best is None or sel > best[1]):
-                best = (feat, sel, res[task].get("acc"), res[task].get("chance"))
-        if best:
-            parts.append(f"{task}: best {best[0]} acc {_f(best[2], 2)} (chance {_f(best[3], 2)}, "
-                         f"selectivity {_f(best[1], 2)})")
-    txt = "- **Probes** (test split; most selective feature per task): " + "; ".join(parts)
-    loop = pr.get("loop_index")
+def _ci(res: dict, field: str, ci: str, nd: int = 3) -> str:
+    c = res.get(ci) or (None, None)
+    return f"{_f(res.get(field), nd)} [{_f(c[0], nd)}, {_f(c[1], nd)}]"
+
+
+def _probe_lines(pr: dict) -> list[str]:
+    """The probe numbers of one model, each with its 95% CI and its baseline."""
+    cfg = pr["config"]
+    if not pr["token"]:
+        return ["- **Token probes**: none (see the notes)."] + _loop_lines(pr)
+    offs = sorted(cfg["offsets"])
+    keys = ["0" if k == 0 else f"{k:+d}" for k in offs]
+    ri = (pr.get("random_init") or {}).get("token") or {}
+    lines = [f"- **Token probes** (balanced logistic, ≤ {cfg['max_classes']} classes, {cfg['n_test_seqs']} test "
+             f"sequences, shared-16-gram fraction train/test {_f(cfg.get('shared_16gram_fraction'), 2)}): accuracy "
+             "[95% CI] per target x[i+k]; baselines: chance 1/C, h_emb, the random-init state, and the increment "
+             "ΔCE over h_emb (nats, paired CI).", "",
+             "  | feature | " + " | ".join(f"k={k}" for k in keys) + " |", "  |---|" + "---|" * len(keys)]
+    rows = [(f, pr["token"][f]) for f in pr["features"] if f in pr["token"]]
+    rows += [(f"random init {f}", r) for f, r in ri.items()]
+    for f, res in rows:
+        lines.append(f"  | {f} | " + " | ".join(_ci(res[k], "accuracy", "ci") if k in res else "—" for k in keys)
+                     + " |")
+    first = next(iter(pr["token"].values()))
+    lines.append("  | chance | " + " | ".join(_f(first[k]["chance"]) if k in first else "—" for k in keys) + " |")
+    lines.append("")
+    lines += ["  | R² (retrieval) | " + " | ".join(f"k={k}" for k in keys) + " |", "  |---|" + "---|" * len(keys)]
+    for f, res in rows:
+        lines.append(f"  | {f} | " + " | ".join(_ci(res[k], "r2", "r2_ci") if k in res else "—" for k in keys) + " |")
+    lines.append("")
+    inc = pr.get("increment") or {}
+    if inc:
+        ik = [k for k in keys if k != "0"]
+        lines += ["  | ΔCE over h_emb | " + " | ".join(f"k={k}" for k in ik) + " |", "  |---|" + "---|" * len(ik)]
+        for f, res in inc.items():
+            lines.append(f"  | {f} | " + " | ".join(_ci(res[k], "delta_ce", "delta_ce_ci") if k in res else "—"
+                                                    for k in ik) + " |")
+        lines.append("")
+    return lines + _loop_lines(pr)
+
+
+def _loop_lines(pr: dict) -> list[str]:
+    lines = []
+    loop = pr.get("loop_step")
     if loop:
-        bits = []
-        for k, label in (("state", "from h^(t+1)"), ("update", "from f(h^(t)) − h^(t)")):
-            if loop.get(k):
-                bits.append(f"{label} {_f(loop[k]['acc'], 2)} vs chance {_f(loop[k]['chance'], 2)}")
-        txt += ". Loop index " + ", ".join(bits)
-    return txt + "."
+        bits = [f"{k} {_ci(loop[k], 'accuracy', 'ci', 2)} (null q95 {_f(loop[k]['null_q95'], 2)}, p "
+                f"{_f(loop[k]['p_value'], 3)})" for k in ("state", "update", "state_unit", "update_unit",
+                                                            "state_norm", "update_norm") if loop.get(k)]
+        chance = next(loop[k]["chance"] for k in ("state", "update") if loop.get(k))
+        lines.append(f"- **Loop-step probe** (which step t; chance 1/K = {_f(chance, 2)}; accuracy [95% CI]): "
+                     + "; ".join(bits) + ".")
+    return lines
 
 
 def _router_line(r: dict) -> str:

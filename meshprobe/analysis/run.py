@@ -31,20 +31,17 @@ What is computed (every choice the paper leaves open is stated here and in ``not
   loss, reported as ``model_loss`` from the forward's logits). To keep the unembedding cost down only
   ``lens_positions = 64`` positions per sample are decoded, evenly spaced over ``0..seq-2`` (all positions
   for short sequences); the coda always runs on the whole sequence.
-* **Probes** (this project's addition; :mod:`meshprobe.analysis.probes`): ``ProbeSuite`` ridge classifiers,
-  the same probe (standardized features, ``l2 = 1e-2`` per sample, at most ``max_classes = 256`` classes: the
-  255 most frequent token ids of the *training* sequences + OTHER) for every feature space and task. Feature
-  spaces: every state, and for MeSH models every slot ``m0 ... m{B-1}`` of the buffer after the last write
-  (``loop.{K-1}.mesh.hook_memory``). Tasks: ``current`` token, ``prev1`` / ``prev2`` (long-lived), ``next``
-  (transient); rows are every position ``t in [2, seq-2]`` of a sequence. Split by sequence, by index: the
-  last ``max(1, round(0.2 N))`` sequences are the test set, all others train; train sequences come first in
-  the pass, the probes are solved when the first test sequence arrives and the test sequences are scored
-  exactly (constant memory). Hewitt & Liang control tasks (each token type mapped to a random label, seed =
-  ``seed``) give ``selectivity = acc - control_acc``; ``chance`` = majority-class accuracy on the test rows.
-* **Loop-index probe** (recursive models): features h^(t+1) for t = 0..K-1 pooled, label t (``state``); and the
-  same with the update ``f_core(h^(t)) - h^(t)`` as features (``update``). Same probe class and ``l2``;
-  chance = majority class = 1/K on the balanced test rows; control = random map of the current token to
-  ``[0, K)``.
+* **Probes** (this project's addition; :mod:`meshprobe.analysis.probe_suite`): for every state and MeSH slot
+  (after the last write), the balanced multinomial logistic token probe and the embedding-retrieval probe
+  (ridge onto the model's input embedding, nearest type among the whole vocabulary) for the target x_{i+k} at
+  ``offsets`` (default 0, -1, -2, -4, -8, +1), the increment over h_emb, and (recursive models, K >= 2) the
+  loop-step probe on h^(t+1), the update, their unit-normalized versions and the norm alone; split by
+  sequence (seeded hash, 30% test), 95% bootstrap CIs over test sequences. Baselines (``probes.config.
+  baselines``): chance 1/C, h_emb, the increment, and the same token probes on a freshly initialised model of
+  the same config (``baseline=True``; on the state before h_out only, to bound the cost); the loop-step probe
+  has chance 1/K, a permutation null and a norm-only probe. The share of test windows that share a 16-gram
+  with a training window is reported (``shared_16gram_fraction``). Memory: the planned rows' features (a few
+  thousand per offset) and the ridge statistics per feature space, independent of N.
 * **MeSH routers** (steps ``entry``, ``loop 1`` ... ``loop K``; slots ``m0`` ...): per sample the mean write and
   read weight of each slot (mean over tokens), then mean / std over samples; per-token router entropy
   ``-sum_b w_b log w_b`` (nats; max ``log B``), mean / std over all tokens; ``write_read_overlap`` =
@@ -67,9 +64,10 @@ import torch
 
 import meshprobe
 from meshprobe import _io
-from meshprobe.analysis import probes as P
 from meshprobe.analysis.analyzer import Analyzer
-from meshprobe.analysis.collect import check_tokens, iter_caches
+from meshprobe.analysis.collect import check_tokens, iter_caches, state_spec
+from meshprobe.analysis.probe_suite import ProbeSuite, random_init_baseline
+from meshprobe.analysis.token_probes import DEFAULT_OFFSETS
 from meshprobe.analysis.schema import FORMAT, FORMAT_VERSION, METRICS_KEYS, metric_key_paths, to_jsonable
 from meshprobe.errors import UserError
 from meshprobe.runtime import resolve_device, torch_threads
@@ -90,20 +88,25 @@ def _model_info(model) -> dict[str, Any]:
 
 
 def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: str | torch.device | None = None,
-                  probes: bool = True, progress: bool = True, seed: int = 0, name: str | None = None,
-                  checkpoint: str | None = None, source: str | None = None, sigma_frac: float = 0.5,
-                  top: int = 50, max_classes: int = 256, l2: float = 1e-2, test_fraction: float = 0.2,
-                  lens_positions: int | None = 64, threads: int | None = 1,
-                  analyzer_out: list | None = None) -> dict[str, Any]:
+                  probes: bool = True, baseline: bool = True, progress: bool = True, seed: int = 0,
+                  name: str | None = None, checkpoint: str | None = None, source: str | None = None,
+                  sigma_frac: float = 0.5, top: int = 50, offsets: Sequence[int] = DEFAULT_OFFSETS,
+                  max_classes: int = 64, l2_mode: str = "per_offset", lens_positions: int | None = 64,
+                  threads: int | None = 1, analyzer_out: list | None = None,
+                  probe_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run every analysis of this module on ``tokens`` [N, seq] (int) in one streaming pass; returns the
     per-model metrics dict (JSON-serializable, the ``models[]`` entry of metrics.json, see METRICS_KEYS).
 
     ``device``: where to run (default: the model's device; the model is moved there). ``probes=False`` skips
-    the probes (the slowest part). ``progress``: a tqdm bar over samples on stderr. ``seed`` seeds the control
-    tasks. ``threads``: torch CPU threads during the analysis (restored afterwards; ``None`` = leave as is).
+    the probes (the slowest part); ``baseline=False`` skips the random-init baseline of the probes (a second
+    forward pass of a freshly initialised model). ``offsets`` / ``max_classes`` / ``l2_mode``: the token
+    probes' target offsets, classes and L2 selection (:mod:`meshprobe.analysis.probe_suite`). ``progress``: a
+    tqdm bar over samples on stderr. ``seed`` seeds the probes' split, rows and the random-init model.
+    ``threads``: torch CPU threads during the analysis (restored afterwards; ``None`` = leave as is).
     The default 1 is deliberate: on a shared 2-core machine one thread was measured 3-5x faster than two for
     the whole analysis (OpenMP threads wait for each other whenever another process holds a core); raise it on
     an idle many-core machine. ``analyzer_out``: if a list is given, the :class:`Analyzer` is appended to it.
+    ``probe_options``: further keywords of :class:`~meshprobe.analysis.probe_suite.ProbeSuite` (row caps etc.).
     """
     cfg = model.cfg
     tokens = check_tokens(tokens, cfg)
@@ -113,12 +116,11 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
     model = model.to(device).eval()
     N, seq = tokens.shape
     t0 = time.time()
-    label_map = None
-    n_test = max(1, int(round(test_fraction * N)))
-    if probes:
-        label_map = P.TokenLabelMap.from_tokens(tokens[: N - n_test], cfg.vocab_size, max_classes=max_classes)
-    an = Analyzer(model, N, label_map=label_map, probes=probes, seed=seed, sigma_frac=sigma_frac, top=top, l2=l2,
-                  test_fraction=test_fraction, max_classes=max_classes, lens_positions=lens_positions)
+    spec = state_spec(model)
+    probe_kw = dict(offsets=offsets, max_classes=max_classes, seed=seed, l2_mode=l2_mode, **(probe_options or {}))
+    suite = ProbeSuite(spec, tokens, embedding=model.embed.weight, **probe_kw) if probes else None
+    an = Analyzer(model, N, probe_suite=suite, seed=seed, sigma_frac=sigma_frac, top=top,
+                  lens_positions=lens_positions)
     if analyzer_out is not None:
         analyzer_out.append(an)
     bar = None
@@ -134,6 +136,15 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
                 if bar is not None:
                     bar.update(tok.shape[0])
             out = an.result()
+            if out["probes"] is not None:
+                base = None
+                if baseline and any(f in spec.state_names for f in suite.acc):
+                    base = random_init_baseline(model, tokens, batch_size=batch_size, device=device, **probe_kw)
+                    out["notes"] += base.pop("notes")
+                else:
+                    out["notes"].append("random-init baseline of the probes skipped" + ("" if baseline else
+                                                                                         " (--no-baseline)"))
+                out["probes"]["random_init"] = to_jsonable(base)
     finally:
         if bar is not None:
             bar.close()
@@ -165,7 +176,8 @@ def default_data_spec(config: Mapping[str, Any]):
 def sample_tokens(ckpt, samples: int = 500, seq_len: int = 256, seed: int = 0, data=None, *, tokenizer=None,
                   split: str = "val") -> torch.Tensor:
     """``samples`` windows of ``seq_len`` tokens drawn deterministically (``seed``) from the validation split
-    of the checkpoint's training corpus (``metadata.train.data``; ``data`` overrides it), tokenized with the
+    (non-overlapping windows, :func:`~meshprobe.analysis.stats.sample_disjoint_windows`, when the split holds
+    ``samples * seq_len`` tokens; else possibly overlapping ones) of the checkpoint's training corpus (``metadata.train.data``; ``data`` overrides it), tokenized with the
     checkpoint's tokenizer. ``ckpt``: a checkpoint path, or a loaded model (then pass ``tokenizer``; the corpus
     comes from ``model.checkpoint_config`` or ``data``). Returns a LongTensor [samples, seq_len]."""
     from meshprobe import data as D
@@ -193,6 +205,10 @@ def sample_tokens(ckpt, samples: int = 500, seq_len: int = 256, seed: int = 0, d
     ids = D.tokenize_corpus(corpus, tok)[split]
     if len(ids) < seq_len:
         raise UserError(f"data {corpus.name}: only {len(ids)} {split} tokens, need at least seq_len = {seq_len}")
+    if samples * seq_len <= len(ids):  # non-overlapping windows (no position is shared by two windows)
+        from meshprobe.analysis.stats import sample_disjoint_windows
+
+        return torch.from_numpy(sample_disjoint_windows(ids, samples, seq_len, seed))
     return torch.from_numpy(D.sample_sequences(ids, samples, seq_len, seed))
 
 
@@ -275,7 +291,8 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
                         names: str | None = None, samples: int | None = None, seq_len: int | None = None,
                         data=None, tokens: str | os.PathLike | None = None, seed: int = 0, device: str = "auto",
                         batch_size: int = 8, threads: int | None = 1, lens_positions: int | None = 64,
-                        probes: bool = True, progress: bool = True,
+                        probes: bool = True, baseline: bool = True, offsets: Sequence[int] = DEFAULT_OFFSETS,
+                        max_classes: int = 64, l2_mode: str = "per_offset", progress: bool = True,
                         on_result: Callable[[dict], None] | None = None) -> list[Path]:
     """Analyse checkpoints and write ``out`` (metrics.json, report.md, figures; see :func:`write_outputs`).
 
@@ -298,7 +315,8 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     for p, name in zip(paths, labels):
         model = load_checkpoint(p, device=dev)
         toks, source = _tokens_for(model, p, token_file, tokens, samples, seq_len, seed, data)
-        res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, progress=progress,
+        res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
+                            offsets=offsets, max_classes=max_classes, l2_mode=l2_mode, progress=progress,
                             seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
                             lens_positions=lens_positions)
         results.append(res)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from meshprobe.analysis.retrieval import RidgeStats, retrieval_ranks
-from meshprobe.analysis.softmax import fit_softmax_cv
+from meshprobe.analysis.softmax import L2_GRID, fit_softmax_cv
 from meshprobe.analysis.stats import bootstrap_ratio_ci, cv_fold, is_test_sequence, sequence_sums, unit_hash
 
 __all__ = [
@@ -238,34 +238,38 @@ class TokenProbeAccumulator:
         if self.X is None or not bool(self.filled.all()):
             raise ValueError("token probe: not every planned sequence was passed to update()")
 
-    def logistic(self, offset: int) -> tuple[dict, dict]:
-        """(result dict, per-test-row arrays) of the balanced logistic probe; cached until the next update."""
-        if ("lr", offset) not in self._fits:
+    def logistic(self, offset: int, l2: float | None = None) -> tuple[dict, dict]:
+        """(result dict, per-test-row arrays) of the balanced logistic probe; cached until the next update.
+        ``l2``: use this L2 strength instead of choosing it by cross-validation."""
+        key = ("lr", offset, l2)
+        if key not in self._fits:
             self._check()
-            self._fits[("lr", offset)] = _logistic(self.plan, self.X, offset)
-        return self._fits[("lr", offset)]
+            self._fits[key] = _logistic(self.plan, self.X, offset, l2)
+        return self._fits[key]
 
     def retrieval(self, offset: int) -> dict:
         """Result dict of the embedding-retrieval probe."""
         self._check()
         return _retrieval(self.plan, self, offset)
 
-    def result(self, offset: int) -> dict:
-        """The full :func:`token_probe` dict for this state and ``offset``."""
-        out = dict(self.logistic(offset)[0])
+    def result(self, offset: int, l2: float | None = None) -> dict:
+        """The full :func:`token_probe` dict for this state and ``offset`` (``l2``: see :meth:`logistic`)."""
+        out = dict(self.logistic(offset, l2)[0])
         out.update(self.retrieval(offset))
         out["offset"] = int(offset)
         out["baseline"] = BASELINE_NOTE
         return out
 
-    def increment(self, base: "TokenProbeAccumulator", offset: int) -> dict:
-        """Increment over ``base`` (e.g. h_emb): see :func:`token_probe_increment`."""
+    def increment(self, base: "TokenProbeAccumulator", offset: int, l2: float | None = None,
+                  base_l2: float | None = None) -> dict:
+        """Increment over ``base`` (e.g. h_emb): see :func:`token_probe_increment`. ``l2`` / ``base_l2``: fixed
+        L2 strengths of the joint and the base probe (``None``: chosen by cross-validation)."""
         if base.plan is not self.plan:
             raise ValueError("increment: both accumulators must come from the same plan")
         self._check()
         base._check()
-        b_res, b_rows = base.logistic(offset)
-        j_res, j_rows = _logistic(self.plan, torch.cat([base.X, self.X], 1), offset)
+        b_res, b_rows = base.logistic(offset, base_l2)
+        j_res, j_rows = _logistic(self.plan, torch.cat([base.X, self.X], 1), offset, l2)
         return _increment(b_res, b_rows, j_res, j_rows, self.plan.seed)
 
 
@@ -274,10 +278,12 @@ def _ci(values: Tensor, seq: Tensor, seed: int) -> tuple[float, float]:
     return bootstrap_ratio_ci(num, den, seed=seed)
 
 
-def _logistic(plan: TokenProbePlan, X: Tensor, offset: int) -> tuple[dict, dict]:
+def _logistic(plan: TokenProbePlan, X: Tensor, offset: int, l2: float | None = None) -> tuple[dict, dict]:
     r = plan.by_offset[offset]
     C = len(r.classes)
-    probe = fit_softmax_cv(X[r.train], r.train_y, plan.seq_of(r.train), C, folds=plan.folds, seed=plan.seed)
+    grid = L2_GRID if l2 is None else (float(l2),)
+    probe = fit_softmax_cv(X[r.train], r.train_y, plan.seq_of(r.train), C, grid=grid, folds=plan.folds,
+                           seed=plan.seed)
     with torch.no_grad():
         logits = probe.logits(X[r.test]).double()
     ce = F.cross_entropy(logits, r.test_y, reduction="none")
@@ -329,6 +335,7 @@ def _increment(b_res: dict, b_rows: dict, j_res: dict, j_rows: dict, seed: int) 
         "ce_base": b_res["ce"], "ce_joint": j_res["ce"],
         "delta_ce": float(d_ce.mean()), "delta_ce_ci": _ci(d_ce, seq, seed),
         "chance": b_res["chance"], "classes": b_res["classes"], "n_test": b_res["n_test"],
+        "l2_base": b_res["l2"], "l2_joint": j_res["l2"],
         "definition": "balanced logistic probe on [base, state] vs on base alone, same rows; delta_ce = "
                       "CE(base) - CE(joint) in nats, delta_accuracy = acc(joint) - acc(base); paired 95% bootstrap "
                       "CIs over test sequences",

@@ -6,17 +6,20 @@
 Output in DIR: ``metrics.json`` (every number behind every figure; keys documented in
 ``meshprobe.analysis.schema.METRICS_KEYS``), ``report.md``, and PNG + PDF figures. One checkpoint: ``fig1``
 (paper Fig 1: update bars, RBF-CKA heatmap, spectra), ``cka_linear``, ``lens``, ``probes`` (unless
---no-probes), ``router`` (MeSH only). Several checkpoints: ``fig3`` / ``fig4`` / ``fig5`` / ``lens`` side by side,
-and each model's own figures in ``DIR/<name>/``. Everything is written to a temporary folder beside DIR and
-moved into DIR only when the whole run succeeded, so earlier results in DIR survive a failed run. Every file
-is moved with one atomic rename, metrics.json and report.md last: a run killed at any instant leaves each
-file complete (old or new) and a metrics.json that is complete and describes figures that are in DIR. Like
-``meshprobe train``, the run holds the lock ``.DIR.lock`` beside the real DIR (a second run into DIR stops
-with exit 2) and removes the staging folders that killed runs left beside DIR.
+--no-probes: token / retrieval probes at offsets --offsets, increment over h_emb, loop-step probe, random-init
+baseline unless --no-baseline), ``router`` (MeSH only). Several checkpoints: ``fig3`` / ``fig4`` / ``fig5`` /
+``lens`` / ``probes`` / ``loop_step`` side by side, and each model's own figures in ``DIR/<name>/``. Everything
+is written to a temporary folder beside DIR and moved into DIR only when the whole run succeeded, so earlier
+results in DIR survive a failed run. Every file is moved with one atomic rename, metrics.json and report.md
+last: a run killed at any instant leaves each file complete (old or new) and a metrics.json that is complete and
+describes figures that are in DIR. Like ``meshprobe train``, the run holds the lock ``.DIR.lock`` beside the real
+DIR (a second run into DIR stops with exit 2) and removes the staging folders that killed runs left beside DIR.
 
 Tokens: ``--samples`` windows of ``--seq-len`` tokens drawn with ``--seed`` from the validation split of the
 checkpoint's training corpus (or ``--data``), tokenized with the checkpoint's tokenizer; or the rows of
-``--tokens FILE.npy`` (an integer array [N, seq]), used as they are.
+``--tokens FILE.npy`` (an integer array [N, seq]), used as they are. Windows drawn from the corpus do not
+overlap (when the split is long enough); metrics.json reports the share of probe test windows that share a
+16-gram with a probe training window either way.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(its validation split is used)")
     parser.add_argument("--tokens", metavar="FILE.npy", default=None,
                         help="pre-tokenized sequences: an integer .npy array [N, seq]")
-    parser.add_argument("--seed", type=int, default=0, help="sampling and control-task seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and probe seed (default 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--threads", type=int, default=1,
@@ -51,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lens-positions", type=int, default=64,
                         help="positions per sample decoded by the lens, evenly spaced (default 64; 0 = all)")
     parser.add_argument("--no-probes", action="store_true", help="skip the linear probes")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the probes' random-init baseline (a freshly initialised model of the same config)")
+    parser.add_argument("--offsets", default="0,-1,-2,-4,-8,1", metavar="K,K,...",
+                        help="target offsets k of the token probes, x[i+k] (default 0,-1,-2,-4,-8,1)")
+    parser.add_argument("--probe-l2", choices=("per_offset", "cv"), default="per_offset",
+                        help="L2 of the logistic probes: chosen by CV once per offset and shared (default, faster) "
+                             "or by CV for every probe")
+    parser.add_argument("--max-classes", type=int, default=64,
+                        help="token-probe classes: the most frequent target types (default 64)")
     parser.add_argument("--names", default=None, help="comma-separated display names, one per checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -68,6 +80,14 @@ def _validate(args) -> None:
         raise UserError(f"--lens-positions must be >= 0, got {args.lens_positions}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.max_classes < 2:
+        raise UserError(f"--max-classes must be at least 2, got {args.max_classes}")
+    try:
+        args.offsets = [int(k) for k in args.offsets.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--offsets must be comma-separated integers, got {args.offsets!r}") from None
+    if not args.offsets:
+        raise UserError("--offsets must name at least one offset")
     if args.tokens and args.data:
         raise UserError("give --tokens or --data, not both")
 
@@ -94,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoints, real, names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data,
             tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
             threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
-            probes=not args.no_probes, progress=not args.no_progress, on_result=done)
+            probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
+            max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=done)
     figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == real})
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures: "
           f"{', '.join(figs)})")
