@@ -28,7 +28,9 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
 
 
 def compute_loss(model, x, y):
-    """Mean next-token cross-entropy (fp32) of model(x) against targets y."""
+    """Mean cross-entropy (fp32) of model(x) against targets y: next-token targets for text; for a task
+    (:mod:`meshprobe.tasks`) the targets sit at their own positions (no shift) and are -100 where undefined,
+    which cross_entropy ignores, so the mean is over the defined targets only."""
     return token_loss(model(x), y)
 
 
@@ -64,6 +66,45 @@ def evaluate(model, tokens, batch_size: int, seq_len: int, max_batches: int, dev
     model.train(was_training)
     loss_sum, count = total.tolist()
     return (loss_sum / count if count else float("nan")), int(count)
+
+
+def evaluate_task(model, spec, n_sequences: int, device, precision: str = "auto", rank: int = 0,
+                  world_size: int = 1, chunk: int | None = None, seed: int = 0) -> dict:
+    """Loss and task accuracy of `model` on the fixed evaluation set of a task (:func:`meshprobe.tasks.eval_set`,
+    `n_sequences` sequences from evaluation seed `seed`, the same symbols at every hop count).
+
+    Returns ``{"val_loss", "task_acc", "task_acc_by_hops", "targets"}``: the loss (mean over defined targets)
+    and accuracy (argmax over the first v logits) at the evaluated hop count ``spec.hops``, the accuracy at
+    every trained hop count ({p: acc}), and the number of scored targets at ``spec.hops``. Under DDP every rank
+    takes a share of the rows and the sums are all-reduced."""
+    from meshprobe import tasks
+
+    was_training = model.training
+    model.eval()
+    hops = spec.train_hops
+    sums = torch.zeros(2 + 2 * len(hops), dtype=torch.float64, device=device)  # loss, count, (correct, scored)*
+    with torch.no_grad():
+        for k, p in enumerate(hops):
+            batch = tasks.eval_set(spec, n_sequences, seed=seed, hops=p)
+            rows = np.array_split(np.arange(n_sequences), world_size)[rank]
+            step = chunk or max(1, len(rows))
+            for a in range(0, len(rows), step):
+                xb = torch.from_numpy(batch.tokens[rows[a:a + step]]).to(device)
+                yb = torch.from_numpy(batch.targets[rows[a:a + step]]).to(device)
+                with autocast_for(device, precision):
+                    logits = model(xb)
+                correct, scored = tasks.task_correct(logits, yb, spec.symbols)
+                sums[2 + 2 * k] += correct
+                sums[3 + 2 * k] += scored
+                if p == spec.hops:
+                    sums[0] += token_loss(logits, yb, reduction="sum").double()
+                    sums[1] += scored
+    all_reduce_(sums, world_size)
+    model.train(was_training)
+    v = sums.tolist()
+    acc = {p: (v[2 + 2 * k] / v[3 + 2 * k] if v[3 + 2 * k] else float("nan")) for k, p in enumerate(hops)}
+    return {"val_loss": v[0] / v[1] if v[1] else float("nan"), "task_acc": acc[spec.hops],
+            "task_acc_by_hops": {str(p): a for p, a in acc.items()}, "targets": int(v[1])}
 
 
 def sample_loss(model, tokens: np.ndarray, batch_size: int = 50) -> float:
