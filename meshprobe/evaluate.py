@@ -126,7 +126,8 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
 
     Defaults come from the checkpoint's train metadata: the corpus (`data`), seq_len, batch_size and
     eval_batches (falling back to n_ctx, 16 and 50). Returns dict(checkpoint, data, split, loss, ppl, tokens,
-    batches, batch_size, seq_len, step).
+    batches, batch_size, seq_len, step). A task checkpoint (metadata "task") is evaluated on its task
+    (:func:`task_checkpoint_eval`).
     """
     from meshprobe import data
     from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
@@ -135,6 +136,8 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
     config = read_checkpoint_config(path)
     meta = config.get("metadata", {}) or {}
     tcfg = meta.get("train", {}) or {}
+    if meta.get("task") is not None:
+        return task_checkpoint_eval(path, meta, data_spec, batches, batch_size, device, split)
     tokenizer = load_tokenizer(path, missing_ok=True)
     if tokenizer is None:
         raise UserError(f"{path} has no tokenizer.json; cannot tokenize evaluation text")
@@ -161,3 +164,28 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
     return {"checkpoint": str(path), "data": spec, "split": split, "loss": loss, "ppl": ppl(loss), "tokens": n,
             "batches": min(batches, math.ceil(((len(tokens) - 1) // seq_len) / batch_size)),
             "batch_size": batch_size, "seq_len": seq_len, "step": meta.get("step")}
+
+
+def task_checkpoint_eval(path, meta: dict, data_spec, batches, batch_size, device: str, split: str) -> dict:
+    """`meshprobe eval` of a task checkpoint: loss (over defined targets) and task accuracy at the evaluated hop
+    count on ``batches * batch_size`` sequences of the fixed evaluation set (seed 0, as in training)."""
+    from meshprobe import tasks
+    from meshprobe.checkpoint import load_checkpoint
+
+    spec = tasks.task_from_entry(meta["task"])
+    if data_spec is not None and data_spec != spec.spec_string():
+        if not tasks.is_task_spec(data_spec) or tasks.parse_task(data_spec) != spec:
+            raise UserError(f"{path} was trained on {spec.spec_string()}; it can only be evaluated on that task")
+    if split != "val":
+        raise UserError("a task has no train split to evaluate: sequences are generated (use --split val)")
+    tcfg = meta.get("train", {}) or {}
+    batch_size = batch_size or tcfg.get("batch_size") or 32
+    batches = batches if batches is not None else (tcfg.get("eval_batches") or 16)
+    if batches < 1 or batch_size < 1:
+        raise UserError("batches and batch size must be positive")
+    dev = resolve_device(device)
+    res = evaluate_task(load_checkpoint(path, device=dev), spec, batches * batch_size, dev, chunk=256)
+    return {"checkpoint": str(path), "data": spec.spec_string(), "split": split, "loss": res["val_loss"],
+            "ppl": ppl(res["val_loss"]), "tokens": res["targets"], "batches": batches, "batch_size": batch_size,
+            "seq_len": spec.n_ctx, "step": meta.get("step"), "task_acc": res["task_acc"],
+            "task_acc_by_hops": res["task_acc_by_hops"]}
