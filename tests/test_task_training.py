@@ -152,3 +152,26 @@ def test_task_zoo_trains_collects_and_bundles(tmp_path):
     assert model.checkpoint_config["metadata"]["task"]["name"] == "phop"
     assert next(model.parameters()).dtype == torch.float32  # loads as fp32 from fp16 storage
     assert zoo.zoo_task(zoo.load_zoo("zoo-tasks")).entry()["prefix"] == [9]
+
+
+def test_analyze_and_figures_on_task_checkpoints(tmp_path, trained, capsys):
+    from meshprobe import zoo
+
+    out = tmp_path / "an"
+    assert main(["analyze", str(trained), "--out", str(out), "--samples", "24"]) == 0
+    doc = json.loads((out / "ground_truth.json").read_text())
+    model = doc["models"]["run"]
+    assert doc["task"]["prefix"] == [9] and model["latent_map"]["targets"] == ["hop_1", "hop_2"]
+    assert (out / "phop.png").is_file() and len(model["patching"]["effect"]) == 4  # h^(0..3)
+    assert main(["analyze", str(trained), "--out", str(tmp_path / "x"), "--data", "task:phop:hops=3"]) == 2
+    assert "not task:phop:hops=3" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # a bundled task zoo -> meshprobe figures --tasks-only
+    ck = tmp_path / "ck" / "tasks"
+    (ck / "run").mkdir(parents=True)
+    for f in ("config.json", "model.safetensors", "train_log.jsonl"):
+        (ck / "run" / f).write_bytes((trained / f).read_bytes())
+    (ck / zoo.MANIFEST_FILE).write_text(json.dumps({"models": [{"name": "run"}]}))
+    assert main(["figures", "--checkpoints", str(tmp_path / "ck"), "--tasks-only", "--out", str(tmp_path / "fig"),
+                 "--samples", "24"]) == 0
+    assert {p.name for p in (tmp_path / "fig" / "tasks").iterdir()} == {"phop.png", "phop.pdf", "ground_truth.json",
+                                                                        "results.md"}
