@@ -84,7 +84,8 @@ def results_markdown(results: dict, summary: list[dict]) -> str:
     for s in summary:
         lines.append(f"| {s['variant']} | {s['n']} | {s['mean']:.4f} ± {s['sd']:.4f} | {s['solved']}/{s['n']} | "
                      f"{', '.join(str(x) for x in s['steps_to_solve'])} |")
-    lines += ["", "| run | status | steps | steps to solve | final train-time acc | fresh acc (p=1, p=2) | wall s |",
+    lines += ["", "Unfinished runs (status running / interrupted / started) are listed below but left out of the "
+              "summary above.", "", "| run | status | steps | steps to solve | final train-time acc | fresh acc (p=1, p=2) | wall s |",
               "|---|---|---|---|---|---|---|"]
     for r in results.get("runs", []):
         by = r.get("fresh_task_acc_by_hops", {})

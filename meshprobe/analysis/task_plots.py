@@ -15,8 +15,13 @@ VARIANT_ORDER = ["vanilla", "base", "anchor", "mesh"]
 COLORS = {"vanilla": "tab:gray", "base": "tab:blue", "anchor": "tab:green", "mesh": "tab:red"}
 
 
+FINISHED = ("completed", "solved")
+
+
 def accuracy_summary(rows: list[dict], key: str = "fresh_task_acc") -> list[dict]:
-    """Per variant: n seeds, mean and sd of `key`, the seeds' values, how many solved (steps_to_solve set)."""
+    """Per variant, over its finished runs (status completed or solved; rows without a status count): n seeds,
+    mean and sd of `key`, the seeds' values, how many solved (steps_to_solve set)."""
+    rows = [r for r in rows if r.get("status", "completed") in FINISHED]
     out = []
     variants = [v for v in VARIANT_ORDER if any(r["variant"] == v for r in rows)]
     variants += sorted({r["variant"] for r in rows} - set(variants))
