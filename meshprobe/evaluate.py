@@ -28,7 +28,9 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
 
 
 def compute_loss(model, x, y):
-    """Mean next-token cross-entropy (fp32) of model(x) against targets y."""
+    """Mean cross-entropy (fp32) of model(x) against targets y: next-token targets for text; for a task
+    (:mod:`meshprobe.tasks`) the targets sit at their own positions (no shift) and are -100 where undefined,
+    which cross_entropy ignores, so the mean is over the defined targets only."""
     return token_loss(model(x), y)
 
 
@@ -66,6 +68,45 @@ def evaluate(model, tokens, batch_size: int, seq_len: int, max_batches: int, dev
     return (loss_sum / count if count else float("nan")), int(count)
 
 
+def evaluate_task(model, spec, n_sequences: int, device, precision: str = "auto", rank: int = 0,
+                  world_size: int = 1, chunk: int | None = None, seed: int = 0) -> dict:
+    """Loss and task accuracy of `model` on the fixed evaluation set of a task (:func:`meshprobe.tasks.eval_set`,
+    `n_sequences` sequences from evaluation seed `seed`, the same symbols at every hop count).
+
+    Returns ``{"val_loss", "task_acc", "task_acc_by_hops", "targets"}``: the loss (mean over defined targets)
+    and accuracy (argmax over the first v logits) at the evaluated hop count ``spec.hops``, the accuracy at
+    every trained hop count ({p: acc}), and the number of scored targets at ``spec.hops``. Under DDP every rank
+    takes a share of the rows and the sums are all-reduced."""
+    from meshprobe import tasks
+
+    was_training = model.training
+    model.eval()
+    hops = spec.train_hops
+    sums = torch.zeros(2 + 2 * len(hops), dtype=torch.float64, device=device)  # loss, count, (correct, scored)*
+    with torch.no_grad():
+        for k, p in enumerate(hops):
+            batch = tasks.eval_set(spec, n_sequences, seed=seed, hops=p)
+            rows = np.array_split(np.arange(n_sequences), world_size)[rank]
+            step = chunk or max(1, len(rows))
+            for a in range(0, len(rows), step):
+                xb = torch.from_numpy(batch.tokens[rows[a:a + step]]).to(device)
+                yb = torch.from_numpy(batch.targets[rows[a:a + step]]).to(device)
+                with autocast_for(device, precision):
+                    logits = model(xb)
+                correct, scored = tasks.task_correct(logits, yb, spec.symbols)
+                sums[2 + 2 * k] += correct
+                sums[3 + 2 * k] += scored
+                if p == spec.hops:
+                    sums[0] += token_loss(logits, yb, reduction="sum").double()
+                    sums[1] += scored
+    all_reduce_(sums, world_size)
+    model.train(was_training)
+    v = sums.tolist()
+    acc = {p: (v[2 + 2 * k] / v[3 + 2 * k] if v[3 + 2 * k] else float("nan")) for k, p in enumerate(hops)}
+    return {"val_loss": v[0] / v[1] if v[1] else float("nan"), "task_acc": acc[spec.hops],
+            "task_acc_by_hops": {str(p): a for p, a in acc.items()}, "targets": int(v[1])}
+
+
 def sample_loss(model, tokens: np.ndarray, batch_size: int = 50) -> float:
     """Mean next-token loss of `model` over a token array [N, seq] (every position but the last predicts the
     next token; every sequence weighs the same)."""
@@ -85,7 +126,8 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
 
     Defaults come from the checkpoint's train metadata: the corpus (`data`), seq_len, batch_size and
     eval_batches (falling back to n_ctx, 16 and 50). Returns dict(checkpoint, data, split, loss, ppl, tokens,
-    batches, batch_size, seq_len, step).
+    batches, batch_size, seq_len, step). A task checkpoint (metadata "task") is evaluated on its task
+    (:func:`task_checkpoint_eval`).
     """
     from meshprobe import data
     from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
@@ -94,6 +136,8 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
     config = read_checkpoint_config(path)
     meta = config.get("metadata", {}) or {}
     tcfg = meta.get("train", {}) or {}
+    if meta.get("task") is not None:
+        return task_checkpoint_eval(path, meta, data_spec, batches, batch_size, device, split)
     tokenizer = load_tokenizer(path, missing_ok=True)
     if tokenizer is None:
         raise UserError(f"{path} has no tokenizer.json; cannot tokenize evaluation text")
@@ -120,3 +164,28 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
     return {"checkpoint": str(path), "data": spec, "split": split, "loss": loss, "ppl": ppl(loss), "tokens": n,
             "batches": min(batches, math.ceil(((len(tokens) - 1) // seq_len) / batch_size)),
             "batch_size": batch_size, "seq_len": seq_len, "step": meta.get("step")}
+
+
+def task_checkpoint_eval(path, meta: dict, data_spec, batches, batch_size, device: str, split: str) -> dict:
+    """`meshprobe eval` of a task checkpoint: loss (over defined targets) and task accuracy at the evaluated hop
+    count on ``batches * batch_size`` sequences of the fixed evaluation set (seed 0, as in training)."""
+    from meshprobe import tasks
+    from meshprobe.checkpoint import load_checkpoint
+
+    spec = tasks.task_from_entry(meta["task"])
+    if data_spec is not None and data_spec != spec.spec_string():
+        if not tasks.is_task_spec(data_spec) or tasks.parse_task(data_spec) != spec:
+            raise UserError(f"{path} was trained on {spec.spec_string()}; it can only be evaluated on that task")
+    if split != "val":
+        raise UserError("a task has no train split to evaluate: sequences are generated (use --split val)")
+    tcfg = meta.get("train", {}) or {}
+    batch_size = batch_size or tcfg.get("batch_size") or 32
+    batches = batches if batches is not None else (tcfg.get("eval_batches") or 16)
+    if batches < 1 or batch_size < 1:
+        raise UserError("batches and batch size must be positive")
+    dev = resolve_device(device)
+    res = evaluate_task(load_checkpoint(path, device=dev), spec, batches * batch_size, dev, chunk=256)
+    return {"checkpoint": str(path), "data": spec.spec_string(), "split": split, "loss": res["val_loss"],
+            "ppl": ppl(res["val_loss"]), "tokens": res["targets"], "batches": batches, "batch_size": batch_size,
+            "seq_len": spec.n_ctx, "step": meta.get("step"), "task_acc": res["task_acc"],
+            "task_acc_by_hops": res["task_acc_by_hops"]}

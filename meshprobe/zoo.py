@@ -16,6 +16,9 @@ A zoo spec is a TOML file (bundled specs in meshprobe/configs/zoo/: zoo-cpu, zoo
     samples = 500                 # validation token sample shipped beside them
     seq_len = 128
 
+A zoo whose data is a synthetic task (``data = "task:..."``, :mod:`meshprobe.tasks`) has no tokenizer and no
+validation token sample: its results carry each run's task accuracy on fresh sequences (:func:`task_row`).
+
 All runs of a zoo share one tokenizer (trained once on the zoo's data), so their validation tokens, losses
 and analyses are directly comparable. Training resumes where a run stopped; finished runs are skipped.
 """
@@ -109,11 +112,21 @@ def run_configs(spec: ZooSpec, run: ZooRun, tokenizer: str | None = None):
     return load_config(spec.preset, overrides)
 
 
-def shared_tokenizer(spec: ZooSpec, out: Path) -> Path:
-    """Train (or reuse) the zoo's one tokenizer and return the path of its tokenizer.json."""
+def zoo_task(spec: ZooSpec):
+    """The zoo's TaskSpec when it trains on a synthetic task, else None."""
+    from meshprobe.tasks import is_task_spec, parse_task
+
+    data = run_configs(spec, spec.runs[0])[1].data
+    return parse_task(data) if is_task_spec(data) else None
+
+
+def shared_tokenizer(spec: ZooSpec, out: Path) -> Path | None:
+    """Train (or reuse) the zoo's one tokenizer and return the path of its tokenizer.json (None for a task)."""
     from meshprobe.data import cached_tokenizer, open_corpus, save_tokenizer
 
     model_cfg, train_cfg = run_configs(spec, spec.runs[0])
+    if zoo_task(spec) is not None:
+        return None
     path = out / "tokenizer.json"
     if not path.is_file():
         corpus = open_corpus(train_cfg.data)
@@ -133,7 +146,7 @@ def train_zoo(spec: ZooSpec, out: str | os.PathLike, only: list[str] | None = No
         raise UserError(f"no zoo run matches {only}; runs: {sorted({r.name for r in spec.runs})}")
     tokenizer = shared_tokenizer(spec, out)
     for i, run in enumerate(runs, 1):
-        model_cfg, train_cfg = run_configs(spec, run, str(tokenizer))
+        model_cfg, train_cfg = run_configs(spec, run, str(tokenizer) if tokenizer else None)
         print(f"[zoo {i}/{len(runs)}] {run.run_id}: {model_cfg.layout} {model_cfg.variant}", file=sys.stderr)
         if train(model_cfg, train_cfg, out / run.run_id, resume=True)["status"] == "interrupted":
             raise KeyboardInterrupt  # Ctrl-C stops the whole zoo (the run saved a checkpoint to resume from)
@@ -167,7 +180,8 @@ def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
     from meshprobe.checkpoint import load_checkpoint
     from meshprobe.evaluate import sample_loss
 
-    sample = validation_sample(spec, out)
+    task = zoo_task(spec)
+    sample = validation_sample(spec, out) if task is None else None
     rows = []
     for run in spec.runs:
         path = out / run.run_id
@@ -177,6 +191,10 @@ def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
         config = model.checkpoint_config
         meta = config.get("metadata", {})
         counts = model.parameter_counts()
+        if task is not None:
+            rows.append({"run": run.run_id, "name": run.name, "group": run.group, "seed": run.seed,
+                         **task_row(model, task, path)})
+            continue
         loss = sample_loss(model, sample)
         rows.append({
             "run": run.run_id, "name": run.name, "group": run.group, "seed": run.seed,
@@ -192,6 +210,31 @@ def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
         "command": f"meshprobe zoo --spec {spec.path.stem} --out {out}", "runs": rows,
     })
     return rows
+
+
+TASK_EVAL_SEED, TASK_EVAL_SEQUENCES, SOLVE_THRESHOLD = 1, 2048, 0.95
+
+
+def task_row(model, task, path: Path) -> dict:
+    """A task run's results: its config, training status, the training-time curve of task accuracy (evaluation
+    seed 0), steps to the first evaluation >= SOLVE_THRESHOLD, and the final accuracy on TASK_EVAL_SEQUENCES
+    fresh sequences (evaluation seed TASK_EVAL_SEED, never seen in training or in training-time evaluation)."""
+    from meshprobe.evaluate import evaluate_task
+    from meshprobe.train.state import read_log
+
+    config = model.checkpoint_config
+    meta, mc = config.get("metadata", {}), config["model"]
+    evals = [r for r in read_log(path / "train_log.jsonl") if r.get("type") == "eval" and "task_acc" in r]
+    solve = next((r["step"] for r in evals if r["task_acc"] >= SOLVE_THRESHOLD), None)
+    fresh = evaluate_task(model, task, TASK_EVAL_SEQUENCES, next(model.parameters()).device, chunk=256,
+                          seed=TASK_EVAL_SEED)
+    return {"layout": mc["layout"], "variant": mc["variant"], "d_model": mc["d_model"],
+            "non_embedding_params": model.parameter_counts()["non_embedding"], "task": meta.get("task"),
+            **{k: meta.get(k) for k in ("step", "total_steps", "wall_time_s", "device", "status")},
+            "steps_to_solve": solve, "solve_threshold": SOLVE_THRESHOLD,
+            "curve": [[r["step"], r["task_acc"]] for r in evals],
+            "fresh_task_acc": fresh["task_acc"], "fresh_task_acc_by_hops": fresh["task_acc_by_hops"],
+            "fresh_loss": fresh["val_loss"], "fresh_targets": fresh["targets"], "fresh_eval_seed": TASK_EVAL_SEED}
 
 
 def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") -> Path:
@@ -212,11 +255,14 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
         files = {f: (src / f).read_bytes() for f in ("train_log.jsonl",) if (src / f).is_file()}
         save_checkpoint(model, dest / name, tokenizer=load_tokenizer(src, missing_ok=True), files=files, dtype=torch.float16, **meta)
         entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant})
-    validation_sample(spec, out)
-    for name in (VAL_TOKENS_FILE, RESULTS_FILE):
+    task = zoo_task(spec)
+    if task is None:
+        validation_sample(spec, out)
+    for name in (VAL_TOKENS_FILE, RESULTS_FILE) if task is None else (RESULTS_FILE,):
         _io.copy_file(out / name, dest / name)
     _io.write_json(dest / MANIFEST_FILE, {"spec": spec.path.name, "description": spec.description, "models": entries,
-                                      "val_tokens": VAL_TOKENS_FILE, "results": RESULTS_FILE,
+                                      "val_tokens": VAL_TOKENS_FILE if task is None else None,
+                                      "task": task.entry() if task is not None else None, "results": RESULTS_FILE,
                                       "command": " ".join(shlex.quote(a) for a in ["meshprobe", "zoo", "--spec",
                                                                                    spec.path.stem, "--bundle", str(dest)])})
     return dest

@@ -20,6 +20,12 @@ checkpoint's training corpus (or ``--data``), tokenized with the checkpoint's to
 ``--tokens FILE.npy`` (an integer array [N, seq]), used as they are. Windows drawn from the corpus do not
 overlap (when the split is long enough); metrics.json reports the share of probe test windows that share a
 16-gram with a probe training window either way.
+
+
+Task checkpoints (trained with ``--data task:...``; or ``--data task:...`` given here): the ground-truth
+analyses instead (:mod:`meshprobe.analysis.ground_truth`: the t x t' latent map, retention, lens accuracy,
+patching) on ``--samples`` evaluation sequences (default 256) of ``--seed``, written as ``ground_truth.json``
+and one figure ``<task>.png``.
 """
 from __future__ import annotations
 
@@ -92,8 +98,31 @@ def _validate(args) -> None:
         raise UserError("give --tokens or --data, not both")
 
 
+def _is_task_run(args) -> bool:
+    from meshprobe.checkpoint import read_checkpoint_config
+    from meshprobe.tasks import is_task_spec
+
+    if args.data and any(is_task_spec(d) for d in args.data):
+        if len(args.data) != 1:
+            raise UserError("a task spec (task:...) cannot be combined with other data")
+        return True
+    return read_checkpoint_config(args.checkpoints[0]).get("metadata", {}).get("task") is not None
+
+
+def _run_task(args) -> int:
+    from meshprobe.task_figures import analyze_task_checkpoints
+
+    names = args.names.split(",") if args.names else None
+    moved = analyze_task_checkpoints(args.checkpoints, args.out, names=names, n_sequences=args.samples or 256,
+                                     seed=args.seed, data=args.data[0] if args.data else None)
+    print(f"meshprobe analyze: wrote {len(moved)} files to {args.out} (ground_truth.json and the task figure)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
+    if _is_task_run(args):
+        return _run_task(args)
     from meshprobe.analysis.run import analyze_checkpoints
 
     def done(res: dict) -> None:

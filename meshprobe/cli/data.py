@@ -3,6 +3,7 @@
     meshprobe data list
     meshprobe data pack --data mix --out mix.txt.xz
     meshprobe data show --data shakespeare my_texts/
+    meshprobe data show --data task:phop:hops=2,symbols=8,seq_len=32,mix=1   # a synthetic task: examples, latents
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 
 DATA_HELP = ("corpus: a source name (shakespeare, bible-kjv, fortunes, wordnet, python-doc, linux-doc), 'mix' "
              "(every installed source), or paths (.txt/.txt.gz/.txt.xz files, folders, .jsonl, .parquet, "
-             "or a file written by 'meshprobe data pack'); several may be given")
+             "or a file written by 'meshprobe data pack'); several may be given; or one synthetic task, "
+             "task:NAME[:hops=P,symbols=V,seq_len=N,mix=0|1] (NAME phop or modsum; show only)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +73,14 @@ def _pack(args) -> int:
 
 
 def _show(args) -> int:
-    from meshprobe import data
+    from meshprobe import data, tasks
+
+    if any(tasks.is_task_spec(d) for d in args.data):
+        if len(args.data) != 1:
+            from meshprobe.errors import UserError
+            raise UserError("a task spec (task:...) cannot be combined with other data")
+        print(tasks.describe(tasks.parse_task(args.data[0])))
+        return 0
 
     corpus = data.open_corpus(args.data)
     rows = [["source", "train docs", "val docs", "train size", "val size"]]

@@ -4,7 +4,8 @@
     meshprobe eval checkpoints/tiny --data mix --batches 100 --json
 
 The checkpoint's own tokenizer is used; the corpus, sequence length, batch size and number of batches default
-to the ones in its training metadata (so the figure matches the val_loss logged during training).
+to the ones in its training metadata (so the figure matches the val_loss logged during training). A task
+checkpoint (``--data task:...``) reports its loss over defined targets and its task accuracy instead.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         spec = result["data"] if isinstance(result["data"], str) else " ".join(result["data"])
-        print(f"{result['checkpoint']}: {result['split']} loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  "
-              f"({result['tokens']:,} tokens of {spec}, seq_len {result['seq_len']})")
+        acc = f"  task acc {result['task_acc']:.4f}" if "task_acc" in result else ""
+        print(f"{result['checkpoint']}: {result['split']} loss {result['loss']:.4f}  ppl {result['ppl']:.2f}{acc}  "
+              f"({result['tokens']:,} {'targets' if acc else 'tokens'} of {spec}, seq_len {result['seq_len']})")
     return 0

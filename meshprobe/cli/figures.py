@@ -10,6 +10,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None, help="use only the first N validation samples")
     parser.add_argument("--no-probes", action="store_true", help="skip the linear probes (faster)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--tasks", default=None, metavar="DIR",
+                        help="bundled task zoo (default: CHECKPOINTS/tasks when it has a zoo.json); its figure, "
+                             "ground_truth.json and results.md go to OUT/tasks")
+    parser.add_argument("--tasks-only", action="store_true", help="regenerate only the task figures")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,7 +23,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--samples must be at least 2, got {args.samples}")
     from meshprobe.figures import regenerate
 
-    files = regenerate(args.checkpoints, args.out, samples=args.samples, probes=not args.no_probes,
-                       progress=not args.no_progress)
+    from pathlib import Path
+
+    files = [] if args.tasks_only else regenerate(args.checkpoints, args.out, samples=args.samples,
+                                                  probes=not args.no_probes, progress=not args.no_progress)
+    tasks_dir = Path(args.tasks or Path(args.checkpoints) / "tasks")
+    if args.tasks or args.tasks_only or (tasks_dir / "zoo.json").is_file():
+        from meshprobe.task_figures import regenerate_tasks
+
+        files += regenerate_tasks(tasks_dir, Path(args.out) / "tasks", n_sequences=args.samples or 256)
     print(f"meshprobe figures: wrote {len(files)} files to {args.out}")
     return 0

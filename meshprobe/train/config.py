@@ -18,7 +18,9 @@ from meshprobe.runtime import PRECISIONS
 class TrainConfig:
     """The ``[train]`` section of a preset. Every field can be overridden on the command line (``--lr 1e-3``).
 
-    data            corpus spec (:mod:`meshprobe.data`): "shakespeare", "mix", a source name, or a list of paths
+    data            corpus spec (:mod:`meshprobe.data`): "shakespeare", "mix", a source name, or a list of paths;
+                    or a synthetic task (:mod:`meshprobe.tasks`), e.g. "task:phop:hops=2,symbols=8,seq_len=32,mix=1":
+                    no tokenizer, targets masked where undefined, and seq_len is set to the task's prefix + n
     seed            seeds the model init and the batch stream (batch at step s = f(seed, s))
     batch_size      GLOBAL batch in sequences (split evenly over processes under torchrun)
     micro_batch_size  sequences per forward/backward on one process (gradient accumulation); None = all of
@@ -42,6 +44,9 @@ class TrainConfig:
     tokenizer       reuse this tokenizer (a tokenizer.json or a checkpoint directory) instead of training one
     stop_after      stop after this many steps of the full schedule (checkpoint saved; resume continues).
                     Not carried over by --resume.
+    stop_acc        task data only: stop (status "solved", checkpoint saved) at the first evaluation whose task
+                    accuracy at the evaluated hop count is >= this; a resumed run that already reached it does
+                    nothing more (None = train the whole budget)
     """
 
     data: str | list[str] = "shakespeare"
@@ -67,6 +72,7 @@ class TrainConfig:
     precision: str = "auto"
     tokenizer: str | None = None
     stop_after: int | None = None
+    stop_acc: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (list, tuple)):
@@ -83,6 +89,7 @@ class TrainConfig:
             raise UserError(f"betas must be two numbers like 0.9,0.95, got {self.betas!r}") from None
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise UserError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        self._check_task()
         if self.steps is None and self.tokens is None:
             self.steps = 1000
         if self.steps is not None and self.tokens is not None:
@@ -108,6 +115,17 @@ class TrainConfig:
             raise UserError(f"compile must be true or false, got {self.compile!r}")
         if self.stop_after is not None and self.stop_after > self.total_steps:
             raise UserError(f"stop_after {self.stop_after} is beyond the run's {self.total_steps} steps")
+
+    def _check_task(self) -> None:
+        """A task fixes the sequence length; stop_acc needs a task."""
+        from meshprobe.tasks import is_task_spec, parse_task
+
+        if is_task_spec(self.data):
+            self.seq_len = parse_task(self.data).n_ctx
+        elif self.stop_acc is not None:
+            raise UserError("stop_acc needs task data (--data task:...): text has no task accuracy")
+        if self.stop_acc is not None and (not _is_number(self.stop_acc) or not 0.0 < self.stop_acc <= 1.0):
+            raise UserError(f"stop_acc must be in (0, 1], got {self.stop_acc!r}")
 
     @property
     def total_steps(self) -> int:

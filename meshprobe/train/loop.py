@@ -10,7 +10,8 @@ Choices the paper leaves open:
   the MeSH routers, the token embedding and the unembedding); biases, LayerNorm gains/biases and the
   ``static_comb`` scalars are not decayed (:func:`param_groups`).
 * Loss: mean next-token cross-entropy over all ``batch_size * seq_len`` predictions of the step, in fp32 from
-  the logits (:func:`meshprobe.evaluate.compute_loss`).
+  the logits (:func:`meshprobe.evaluate.compute_loss`). Task data (``--data task:...``): masked targets, no
+  shift, task accuracy in the eval records, ``stop_acc`` -- see :mod:`meshprobe.train.taskdata`.
 * Data: the global batch at step ``s`` is a pure function of ``(seed, s)`` (:func:`meshprobe.data.get_batch`),
   so a checkpoint's data position is just its step, and W processes (rank r takes rows ``[r*B/W, (r+1)*B/W)``)
   see exactly the batch one process would. The tokenizer is a byte-level BPE trained on the corpus' train
@@ -39,8 +40,8 @@ on stopping at the next logging step.
 
 Multi-GPU: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised (NCCL on CUDA, gloo on
 CPU), the model is wrapped in DistributedDataParallel, and each rank trains on its rows of the global batch.
-Only rank 0 prints, logs and writes checkpoints; logged losses are averaged over ranks.
-``micro_batch_size`` splits each rank's rows into gradient-accumulation micro-batches.
+Only rank 0 prints, logs and writes checkpoints; logged losses are averaged over ranks. ``micro_batch_size``
+splits each rank's rows into gradient-accumulation micro-batches.
 """
 from __future__ import annotations
 
@@ -66,11 +67,10 @@ from meshprobe.model import build_model
 from meshprobe.runtime import (StopRequest, all_reduce_, autocast_for, barrier, device_name, dist_env,
                                dist_initialized, is_terminal, process_group, resolve_device, resolved_precision,
                                say)
-from meshprobe.train import state as S
+from meshprobe.train import state as S, taskdata
 from meshprobe.train.config import TrainConfig, lr_at
 
-# Test hook (a module attribute so tests can monkeypatch it): called after every optimizer step with the
-# number of completed steps.
+# Test hook (monkeypatched by tests): called after every optimizer step with the number of completed steps.
 _step_hook = None
 
 
@@ -157,6 +157,7 @@ class Run:
     train_tokens: object = None
     val_tokens: object = None
     data_meta: dict = field(default_factory=dict)
+    task: object = None  # a meshprobe.tasks.TaskSpec when training on a task (then no corpus / tokenizer)
     model: torch.nn.Module | None = None
     fwd_model: torch.nn.Module | None = None
     ddp: object = None
@@ -191,7 +192,7 @@ def setup(model_cfg, cfg, out_dir, resuming, device, rank, world, micro, show, s
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    _setup_data(run, resuming)
+    taskdata.setup_task(run) if taskdata.tasks.is_task_spec(cfg.data) else _setup_data(run, resuming)
     if resuming:
         run.model = load_checkpoint(run.src, device=device)
     else:
@@ -287,7 +288,8 @@ def train_step(run: Run) -> float:
     run.lr = lr_at(run.step, run.total_steps, cfg.lr, cfg.warmup_frac, cfg.min_lr_frac)
     for g in run.optimizer.param_groups:
         g["lr"] = run.lr
-    x_np, y_np = data.get_batch(run.train_tokens, cfg.batch_size, cfg.seq_len, run.step, cfg.seed, run.rank, run.world)
+    x_np, y_np = (taskdata.step_batch(run) if run.task is not None else
+                  data.get_batch(run.train_tokens, cfg.batch_size, cfg.seq_len, run.step, cfg.seed, run.rank, run.world))
     x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
     if run.device.type == "cuda":
         x, y = x.pin_memory().to(run.device, non_blocking=True), y.pin_memory().to(run.device, non_blocking=True)
@@ -366,13 +368,14 @@ def log_train(run: Run, grad_norm, timer: dict, bar) -> None:
 
 def log_eval(run: Run, timer: dict, bar) -> None:
     cfg, t_eval = run.cfg, time.time()
-    val_loss, _ = evaluate(run.model, run.val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, run.device,
-                           run.precision, run.rank, run.world, chunk=run.micro)
-    run.last_val = {"step": run.step, "val_loss": val_loss, "val_ppl": ppl(val_loss)}
+    val_loss, extra = taskdata.eval_task(run) if run.task is not None else (evaluate(
+        run.model, run.val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, run.device, run.precision,
+        run.rank, run.world, chunk=run.micro)[0], {})
+    run.last_val = {"step": run.step, "val_loss": val_loss, "val_ppl": ppl(val_loss), **extra}
     emit(run, {"type": "eval", "step": run.step, "tokens": run.step * cfg.tokens_per_step,
-               "val_loss": val_loss, "val_ppl": run.last_val["val_ppl"]})
-    say(run.show, f"step {run.step}/{run.total_steps} | val loss {val_loss:.4f} | val ppl {run.last_val['val_ppl']:.2f}",
-        bar)
+               "val_loss": val_loss, "val_ppl": run.last_val["val_ppl"], **extra})
+    say(run.show, f"step {run.step}/{run.total_steps} | val loss {val_loss:.4f} | val ppl {run.last_val['val_ppl']:.2f}"
+                  + (f" | task acc {extra['task_acc']:.4f}" if extra else ""), bar)
     timer["t"] += time.time() - t_eval  # keep evaluation out of the next tokens/s figure
 
 
@@ -388,6 +391,7 @@ def metadata(run: Run, status: str) -> dict:
         "device": run.device_name, "world_size": run.world, "precision": run.precision,
         "ddp_backend": torch.distributed.get_backend() if run.ddp is not None else None,
         "data": run.data_meta, "parameters": run.counts,
+        **({"task": run.task.entry(), "task_acc": last_val.get("task_acc")} if run.task is not None else {}),
         "meshprobe_version": meshprobe.__version__, "torch_version": torch.__version__,
     }
 
@@ -415,8 +419,9 @@ def _banner(run: Run, resuming: bool) -> None:
     say(run.show, f"meshprobe train: {mc.layout} {mc.variant} (unrolled depth {mc.unrolled_depth}), "
                   f"{counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
                   f"{run.total_steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens on {run.device_name}"
-                  f"{f' x {run.world} processes' if run.world > 1 else ''}, {run.precision}; data {run.corpus.name} "
-                  f"({len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens)"
+                  f"{f' x {run.world} processes' if run.world > 1 else ''}, {run.precision}; data "
+                  + (taskdata.describe(run) if run.task is not None else f"{run.corpus.name} "
+                     f"({len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens)")
                   + (f"; resuming at step {run.step}" if resuming else ""))
 
 
@@ -437,7 +442,7 @@ def _loop(run: Run) -> dict:
                    disable=not is_terminal(sys.stderr), desc="train")
     try:
         with StopRequest(announce=run.show) as stop:
-            while run.step < total:
+            while run.step < total and not taskdata.solved(run):
                 grad_norm = train_step(run)
                 step, last = run.step, run.step == total
                 need_log = step % cfg.log_every == 0 or last
@@ -453,8 +458,9 @@ def _loop(run: Run) -> dict:
                     log_train(run, grad_norm, timer, bar)
                 if need_eval:
                     log_eval(run, timer, bar)
-                if stop_now or stopped_after:
-                    status = "interrupted" if stop_now else "stopped"
+                solved_now = need_eval and taskdata.solved(run) and not last
+                if stop_now or stopped_after or solved_now:
+                    status = "solved" if solved_now else "interrupted" if stop_now else "stopped"
                     save(run, status)
                     break
                 if need_save:
@@ -472,10 +478,13 @@ def _summary(run: Run, status: str) -> dict:
         "tokens_seen": run.step * run.cfg.tokens_per_step,
         "train_loss": next((r["loss"] for r in reversed(run.records) if r["type"] == "train"), None),
         "val_loss": run.last_val.get("val_loss"), "val_ppl": run.last_val.get("val_ppl"),
-        "wall_time_s": round(run.prior_wall + wall, 3), "tokens_per_s": round(run.tokens_run / max(wall, 1e-9), 1),
+        "task_acc": run.last_val.get("task_acc"), "wall_time_s": round(run.prior_wall + wall, 3),
+        "tokens_per_s": round(run.tokens_run / max(wall, 1e-9), 1),
         "device": run.device_name, "world_size": run.world,
     }
-    if run.show and status == "completed":
+    if run.show and status == "solved":
+        say(run.show, taskdata.solved_message(run, wall))
+    elif run.show and status == "completed":
         val = f", val loss {summary['val_loss']:.4f}, ppl {summary['val_ppl']:.2f}" if run.cfg.eval_batches > 0 else ""
         say(run.show, f"meshprobe train: done, {run.step} steps{val}, {wall:.1f} s; checkpoint {run.out_dir}")
     return summary
