@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository's meshprobe, installed or not
 TOKENIZER = ROOT / "checkpoints" / "loop3-base" / "tokenizer.json"  # the bundled zoo's vocab-4096 mix tokenizer
 SMOKE_VARIANTS = ["vanilla", "base", "residual", "anchor", "anchor_emb", "residual+anchor", "static_comb",
                   "dynamic_comb", "mesh"]
@@ -76,11 +77,11 @@ class Run:
         self.log.flush()
 
     def record(self, part: str, value) -> None:
+        from meshprobe._io import write_json
+
         self.doc["parts"][part] = value
         self.doc["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        tmp = self.out / ".gpu_run.json.tmp"
-        tmp.write_text(json.dumps(self.doc, indent=1))
-        os.replace(tmp, self.out / "gpu_run.json")
+        write_json(self.out / "gpu_run.json", self.doc, indent=1)
 
     def sh(self, cmd: list[str], timeout: float, name: str) -> dict:
         """Run a command with the run's environment; its output goes to the log; never raises."""
@@ -114,7 +115,7 @@ def install_wheels(run: Run, wheels: Path) -> None:
     if not result["ok"]:
         raise SystemExit(f"gpu_run: installing the wheels failed: {result.get('tail')}")
     run.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(site)])
-    sys.path[:0] = [str(ROOT), str(site)]
+    sys.path.insert(1, str(site))  # after the repository (ROOT is first)
 
 
 # --------------------------------------------------------------------------------------------- configs
