@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from meshprobe._tl import HookedRootModule, HookPoint
 from meshprobe.config import ModelConfig
@@ -169,27 +170,49 @@ class Stack(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # MeSH: a buffer of B slots, written and read by per-step routers (paper §1.3).
 # ---------------------------------------------------------------------------------------------------------
-class WeightedSum(torch.autograd.Function):
-    """sum_i coef[..., i, None] * values[i] for coef [batch, seq, n] and n values [batch, seq, d].
+class ChainedRead(torch.autograd.Function):
+    """One read y = sum_i coef[..., i, None] * values[i], coef [batch, seq, n], n values [batch, seq, d].
 
-    The same as a chain of addcmul, with fewer [batch, seq, d] temporaries: one output buffer forward; backward,
-    the gradient of each coefficient is a batched dot product (no product tensor) and each value's is coef_i * g.
+    The reads of one forward pass are chained through `pending`, an expanded placeholder [N, batch, seq, d] that
+    holds no memory. Backward, the chain's gradient is one real [N, batch, seq, d] buffer (made by the last read):
+    each read adds coef_i * g into row i for every value it read, in place, and the read where value i was new
+    (i >= first_new) hands row i on as that value's gradient; earlier reads never touch it again. A value read at
+    every step thus gets its gradient summed in place, instead of one fresh tensor per read that autograd then
+    adds up (on CPU, MeSH's extra cost over the base model is this memory traffic). Reads stay pure functions:
+    nothing outside the graph is kept, so retain_graph and partial torch.autograd.grad calls are exact.
+    The gradient of each coefficient is a batched dot product (no product tensor). Differentiable once.
     """
 
     @staticmethod
-    def forward(ctx, coef, *values):
+    def forward(ctx, pending, coef, first_new, *values):
+        ctx.set_materialize_grads(False)
+        ctx.first_new, ctx.pending_shape = first_new, pending.shape
         ctx.save_for_backward(coef, *values)
         out = values[0] * coef[..., :1]
         for i, value in enumerate(values[1:], start=1):
             out.addcmul_(coef[..., i : i + 1], value)
-        return out
+        return out, coef.new_zeros(()).expand(pending.shape)
 
     @staticmethod
-    def backward(ctx, grad):
+    @once_differentiable
+    def backward(ctx, grad, pending):
         coef, *values = ctx.saved_tensors
-        g = grad.unsqueeze(-2)  # [batch, seq, 1, d]
-        grad_coef = torch.cat([g @ value.unsqueeze(-1) for value in values], dim=-1).squeeze(-2)
-        return (grad_coef, *(grad * coef[..., i : i + 1] for i in range(len(values))))
+        fresh = pending is None  # the last read of the chain starts the buffer; its rows are written, not added
+        if fresh:
+            pending = coef.new_empty(ctx.pending_shape)
+        grad_coef = None
+        if grad is not None:
+            for i in range(len(values)):
+                if fresh:
+                    torch.mul(grad, coef[..., i : i + 1], out=pending[i])
+                else:
+                    pending[i].addcmul_(grad, coef[..., i : i + 1])
+            g = grad.unsqueeze(-2)  # [batch, seq, 1, d]
+            grad_coef = torch.cat([g @ value.unsqueeze(-1) for value in values], dim=-1).squeeze(-2)
+        elif fresh:
+            pending.zero_()
+        new = [pending[i] if i >= ctx.first_new else None for i in range(len(values))]
+        return (pending, grad_coef, None, *new)
 
 
 class MeshBuffer:
@@ -199,22 +222,25 @@ class MeshBuffer:
     written values x_tau (first h_emb with w = e_0, i.e. m_0 = h_emb and the other slots empty; then the prelude
     output; then each step's h_m), and a read is  sum_b r_b m_b = sum_tau <r, w_tau> x_tau : one scalar per token
     per written value. The fast form keeps only the written values and weights, so no [batch, B, seq, d] tensor
-    is built and the backward is as small. The dense form keeps the buffer itself: `dense=True` (the model's
-    choice when a hook is attached to any `*.mesh.hook_memory`) builds it at every step so the hook sees it, and
-    a change the hook makes flows into this read and every later write and read. The two agree up to float
-    rounding (summation order; tested, forward and gradients). Router weights come slot-major, [batch, B, seq],
-    so every reduction over the B slots runs along an outer dim (PyTorch's CPU kernels for a short innermost
-    dim are ~10x slower).
+    is built, and chains its reads (ChainedRead) so the backward is as small. The dense form keeps the buffer
+    itself: `dense=True` (the model's choice when a hook is attached to any `*.mesh.hook_memory`) builds it at
+    every step so the hook sees it, and a change the hook makes flows into this read and every later write and
+    read. The two agree up to float rounding (summation order; tested, forward and gradients). Router weights
+    come slot-major, [batch, B, seq], so every reduction over the B slots runs along an outer dim (PyTorch's CPU
+    kernels for a short innermost dim are ~10x slower).
 
     Dtype: router weights are cast to the dtype of the written values and the read is elementwise, so under
     bf16 autocast the state stays float32 like the other variants' residual stream (never an autocast bf16
     matmul; before this class the read was a bf16 einsum).
     """
 
-    def __init__(self, h_emb: torch.Tensor, slots: int, dense: bool) -> None:
+    def __init__(self, h_emb: torch.Tensor, slots: int, dense: bool, n_values: int) -> None:
+        """n_values: how many values the pass writes in all, h_emb included (K + 2 for K loop steps)."""
         e0 = torch.zeros(1, slots, 1, dtype=h_emb.dtype, device=h_emb.device)
         e0[:, 0] = 1.0
         self.weights, self.values = [e0.expand(h_emb.shape[0], slots, h_emb.shape[1])], [h_emb]  # the fast form
+        self.pending = h_emb.new_zeros(()).expand(n_values, *h_emb.shape)  # the read chain's placeholder
+        self.n_read = 0  # values already handed to a read (their gradients come from that read)
         self.dense = (e0.unsqueeze(-1) * h_emb.unsqueeze(1)) if dense else None  # [batch, B, seq, d]
 
     def write_read(self, w_write, x, w_read, hook_memory: HookPoint) -> torch.Tensor:
@@ -225,9 +251,13 @@ class MeshBuffer:
             return (w_read.unsqueeze(-1) * self.dense).sum(dim=1)
         self.weights.append(w_write)
         self.values.append(x)
+        if len(self.values) > self.pending.shape[0]:
+            raise RuntimeError(f"MeshBuffer was sized for {self.pending.shape[0]} written values")
         coef = (torch.stack(self.weights, dim=1) * w_read.unsqueeze(1)).sum(dim=2)  # [batch, writes, seq]
         # contiguous [batch, seq, writes]: a broadcast operand with a strided seq dim makes mul ~8x slower
-        return WeightedSum.apply(coef.mT.contiguous(), *self.values)
+        out, self.pending = ChainedRead.apply(self.pending, coef.mT.contiguous(), self.n_read, *self.values)
+        self.n_read = len(self.values)
+        return out
 
 
 class MeshStep(nn.Module):
@@ -394,7 +424,7 @@ class MeshprobeModel(TLModelSurface, HookedRootModule):
         prelude_out = run_hook(self.prelude.hook_out, self.prelude(h_emb, cos, sin, self.call_sites(0, u)))
         if cfg.variant == "mesh":
             dense = attached([self.entry.mesh.hook_memory, *(step.mesh.hook_memory for step in self.loop)])
-            memory = MeshBuffer(h_emb, cfg.mesh_slots, dense)  # m_0 = h_emb, the other slots empty
+            memory = MeshBuffer(h_emb, cfg.mesh_slots, dense, cfg.n_loops + 2)  # m_0 = h_emb, the other slots empty
             # Entry cycle: write the prelude output, read h^(0); routers see the prelude output.
             h = self.entry.mesh(prelude_out, prelude_out, memory)
         else:

@@ -285,6 +285,36 @@ def test_mesh_fast_read_equals_materialized_buffer(cfg):
         torch.testing.assert_close(fast_grads[name], dense_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def _grads_of_states(model, tokens, names, fwd_hooks=(), repeat=1):
+    """torch.autograd.grad of the loss w.r.t. the named state hooks' outputs (a partial backward), `repeat`
+    times on one graph (retain_graph)."""
+    states = {}
+
+    def keep(x, hook):
+        states[hook.name] = x
+        return x
+
+    with model.hooks(fwd_hooks=[*fwd_hooks, *((n, keep) for n in names)]):
+        loss = model(tokens, return_type="loss")
+    return [torch.autograd.grad(loss, [states[n] for n in names], retain_graph=True) for _ in range(repeat)]
+
+
+def test_mesh_chained_read_partial_and_repeated_backward():
+    """The chained read is a pure function of the graph: a partial autograd.grad (w.r.t. intermediate states
+    only) and a second backward on the same graph give the dense buffer's gradients."""
+    cfg = tiny_cfg(variant="mesh")
+    model = randomized(cfg).train()
+    tokens = tokens_for(cfg)
+    names = ["prelude.hook_out", "loop.0.hook_core_out", "loop.1.hook_state_in"]
+    first, second = _grads_of_states(model, tokens, names, repeat=2)
+    identity = [(lambda n: n.endswith("mesh.hook_memory"), lambda x, hook: x)]
+    (dense,) = _grads_of_states(model, tokens, names, fwd_hooks=identity)
+    for name, a, b, c in zip(names, first, second, dense):
+        assert a.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_mesh_memory_hook_edits_flow_into_reads_and_later_writes():
     """An edit of entry.mesh.hook_memory is carried into later steps' buffers; an edit of the last step's
     buffer changes its read h^(K) exactly as sum_b r_b m_b of the edited slots."""
