@@ -20,6 +20,9 @@ decide it. `--clock cpu` (the default on a CPU device with one thread) times the
 time instead of the wall clock: on a shared machine the wall clock also counts the time the process waits for a
 core, which other processes' load decides, not the model; one thread's CPU time is its wall time on an idle
 machine. tokens/s is always wall-clock; the wall-clock ratios are printed below the table and kept in the JSON.
+On CPU every model runs under the glibc allocator settings that `meshprobe train` uses (`--malloc tuned`,
+see meshprobe.runtime.tune_cpu_allocator: without them each step page-faults its activations in again);
+`--malloc default` keeps glibc's defaults. Either way all models share the process and so the allocator.
 Peak memory (CUDA) is the largest over a model's rounds and includes the weights and optimizer states
 of the other, idle models.
 bf16 autocast and fused AdamW on CUDA, fp32 and the default AdamW on CPU. The HF model is built with
@@ -69,6 +72,9 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default 790 on CUDA = H100 dense bf16; none on CPU)")
+    p.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                   help="CPU: run every model under the glibc settings `meshprobe train` uses "
+                        "(meshprobe.runtime.tune_cpu_allocator) or under glibc's defaults")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -215,6 +221,13 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    allocator = "-"
+    if device.type == "cpu":
+        from meshprobe.runtime import CPU_ALLOCATOR, tune_cpu_allocator
+
+        tuned = args.malloc == "tuned" and tune_cpu_allocator()
+        allocator = ("glibc mmap threshold {} MiB, trim threshold {} MiB".format(
+            CPU_ALLOCATOR["mmap_threshold"] >> 20, CPU_ALLOCATOR["trim_threshold"] >> 20) if tuned else "default")
     layout = args.layout or default_layout(args.layers)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     modes = [False, True] if args.compile else [False]
@@ -287,7 +300,8 @@ def main(argv=None) -> int:
     print(f"\nTraining throughput on {dev_name}, torch {torch.__version__}, transformers {hf_version}, {precision}, "
           f"d_model {args.d_model}, {heads} heads, vocab {args.vocab}, batch {args.batch} x seq {args.seq}, "
           f"median of {args.repeats} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps, "
-          f"turns of one {unit}; ratio = median of paired per-{unit} ratios [IQR] (pairs), {clock} clock\n")
+          f"turns of one {unit}; ratio = median of paired per-{unit} ratios [IQR] (pairs), {clock} clock"
+          + (f"; allocator (all models): {allocator}" if device.type == "cpu" else "") + "\n")
     print("| model | layout | mode | matmul params/token | tokens/s | ratio [IQR] (pairs) | MFU |" +
           (" peak mem |" if device.type == "cuda" else ""))
     print("|---|---|---|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
@@ -310,7 +324,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev_name, "torch": torch.__version__, "transformers": hf_version,
-                       "precision": precision, "args": vars(args), "results": results}, f, indent=2)
+                       "precision": precision, "allocator": allocator, "args": vars(args), "results": results}, f, indent=2)
     return 0
 
 

@@ -5,8 +5,10 @@ shared-sample loss and the analysis lens.
     val_loss, n = evaluate(model, val_tokens, batch_size, seq_len, max_batches, device)
     result = evaluate_checkpoint("checkpoints/tiny")    # `meshprobe eval`
 
-The cross-entropy is always computed in fp32 from the logits (:func:`token_loss`). The model's own
-``forward(return_type="loss")`` (TransformerLens's convention) computes the same number for a token tensor.
+The cross-entropy is always computed in fp32: from the logits (:func:`token_loss`), or, for the training loss of a
+meshprobe model without autocast, from the final hidden state in cache-sized chunks (:mod:`meshprobe.loss`, the
+same number). The model's own ``forward(return_type="loss")`` (TransformerLens's convention) computes it for a
+token tensor.
 """
 from __future__ import annotations
 
@@ -27,10 +29,23 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction=reduction)
 
 
+def unwrapped(model):
+    """The module inside DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def compute_loss(model, x, y):
     """Mean cross-entropy (fp32) of model(x) against targets y: next-token targets for text; for a task
     (:mod:`meshprobe.tasks`) the targets sit at their own positions (no shift) and are -100 where undefined,
-    which cross_entropy ignores, so the mean is over the defined targets only."""
+    which cross_entropy ignores, so the mean is over the defined targets only. A meshprobe model (also inside
+    DDP / torch.compile, called through the wrapper) computes it itself: `forward(x, "loss", targets=y)`,
+    without building the logits unless autocast is on (:mod:`meshprobe.loss`)."""
+    from meshprobe.model import MeshprobeModel
+
+    if isinstance(unwrapped(model), MeshprobeModel):
+        return model(x, return_type="loss", targets=y)
     return token_loss(model(x), y)
 
 

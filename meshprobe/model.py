@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from meshprobe._tl import HookedRootModule, HookPoint
 from meshprobe.config import ModelConfig
 from meshprobe.decompose import LoopedActivationCache
+from meshprobe.loss import linear_cross_entropy
 from meshprobe.tl_compat import AttnHooks, HookedLayerNorm, LNHooks, MLPHooks, TLModelSurface, attached, layer_norm
 
 
@@ -393,14 +394,21 @@ class MeshprobeModel(TLModelSurface, HookedRootModule):
         steps = [layer for t in range(self.cfg.n_loops) for layer in self.step_weights(t).layers]
         return [*self.prelude.layers, *steps, *self.coda.layers]
 
-    def forward(self, tokens: torch.Tensor, return_type: str = "logits"):
-        """tokens [batch, seq] -> logits [batch, seq, vocab]; return_type "loss" gives next-token loss,
-        "both" gives (logits, loss), "hidden" gives h_out (before the final LayerNorm)."""
+    def forward(self, tokens: torch.Tensor, return_type: str = "logits", targets: torch.Tensor | None = None):
+        """tokens [batch, seq] -> logits [batch, seq, vocab]; return_type "loss" gives the mean cross-entropy,
+        "both" gives (logits, loss), "hidden" gives h_out (before the final LayerNorm). The loss is against the
+        next tokens, or against `targets` [batch, seq] when given (-100 = no target there).
+
+        "loss" without autocast never builds the logits (:mod:`meshprobe.loss`: same value and gradients, less
+        time and memory); under autocast it takes the fp32 cross-entropy of the logits, as "both" does."""
         cfg = self.cfg
         if tokens.shape[-1] > cfg.n_ctx:
             raise ValueError(f"sequence length {tokens.shape[-1]} exceeds the model context n_ctx={cfg.n_ctx}")
         cos, sin = self.rotary_cos, self.rotary_sin
-        h_emb = run_hook(self.hook_embed, self.embed(tokens) * cfg.embed_scale)
+        h_emb = self.embed(tokens)
+        if cfg.embed_scale != 1.0:
+            h_emb = h_emb * cfg.embed_scale
+        h_emb = run_hook(self.hook_embed, h_emb)
         if cfg.is_vanilla:
             h_out = h_emb
             for layer, hooks in zip(self.layers, self.blocks):
@@ -409,12 +417,15 @@ class MeshprobeModel(TLModelSurface, HookedRootModule):
             h_out = self.forward_recursive(h_emb, cos, sin)
         if return_type == "hidden":
             return h_out
+        if return_type != "logits" and targets is None:
+            # Targets padded rather than logits sliced: the same mean over the seq - 1 predicted positions,
+            # without copying the [batch, seq - 1, vocab] logits (forward) and zero-filling their gradient.
+            targets = F.pad(tokens[:, 1:], (0, 1), value=-100)
+        if return_type == "loss" and not torch.is_autocast_enabled(h_out.device.type):
+            return linear_cross_entropy(self.ln_final(h_out), self.unembed.weight, targets)
         logits = self.unembed(self.ln_final(h_out))
         if return_type == "logits":
             return logits
-        # Targets padded rather than logits sliced: the same mean over the seq - 1 predicted positions, without
-        # copying the [batch, seq - 1, vocab] logits (forward) and zero-filling their gradient (backward).
-        targets = F.pad(tokens[:, 1:], (0, 1), value=-100)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return loss if return_type == "loss" else (logits, loss)
 

@@ -54,7 +54,48 @@ def resolve_device(spec: str, local_rank: int = 0):
             raise UserError(f"device {device} does not exist ({torch.cuda.device_count()} GPUs)")
     elif device.type != "cpu":
         raise UserError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    else:
+        tune_cpu_allocator()
     return device
+
+
+# glibc's mallopt parameters (malloc.h) and the values tune_cpu_allocator sets
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+CPU_ALLOCATOR = {"mmap_threshold": 64 << 20, "trim_threshold": 1 << 30}
+_allocator_tuned: bool | None = None
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed tensor memory inside the process (glibc only; once per process; True when applied).
+
+    glibc serves an allocation above its mmap threshold (128 KiB at first, raised as chunks are freed, at most
+    32 MiB) with fresh pages from the kernel and hands them back on free, and it returns free heap top above
+    its trim threshold. Every [batch, seq, d] activation and gradient of a training step is then page-faulted
+    and zeroed by the kernel again at every step: at the bundled shape (d 128, batch 16 x seq 128, on CPU)
+    ~40,000 page faults per step. With allocations up to 64 MiB served from the heap and up to 1 GiB of free
+    heap kept, ~1,000 remain and a step takes ~12% less CPU time (418 -> 370 ms, base model); the process
+    keeps its peak memory (+12% resident, 745 -> 831 MB). `resolve_device` calls this for every CPU run
+    (train, evaluate, analyze); the training benchmark calls it for all models alike. Skipped when the user
+    set any MALLOC_*_ variable (their choice wins) or MESHPROBE_MALLOC=default.
+    """
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if os.environ.get("MESHPROBE_MALLOC") == "default" or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, CPU_ALLOCATOR["mmap_threshold"]) == 1
+        ok = ok and libc.mallopt(M_TRIM_THRESHOLD, CPU_ALLOCATOR["trim_threshold"]) == 1
+    except (OSError, AttributeError):
+        return False
+    _allocator_tuned = ok
+    return ok
 
 
 def device_name(device) -> str:
