@@ -25,7 +25,7 @@ see meshprobe.runtime.tune_cpu_allocator: without them each step page-faults its
 `--malloc default` keeps glibc's defaults. Either way all models share the process and so the allocator.
 Peak memory (CUDA) is the largest over a model's rounds and includes the weights and optimizer states
 of the other, idle models.
-bf16 autocast and fused AdamW on CUDA, fp32 and the default AdamW on CPU. The HF model is built with
+Fused AdamW everywhere (as `meshprobe train`); bf16 autocast on CUDA, fp32 on CPU. The HF model is built with
 GPTNeoXConfig(rotary_pct 0.25, use_parallel_residual True, hidden_act gelu, tie_word_embeddings False,
 dropout 0, attn_implementation sdpa), the same shape as our vanilla model (4x MLP, untied embeddings).
 
@@ -133,7 +133,7 @@ class Runner:
         self.args, self.device = args, device
         self.model = model.to(device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01,
-                                     **({"fused": True} if device.type == "cuda" else {}))
+                                     fused=True)  # as `meshprobe train` (every device)
         self.fwd = torch.compile(self.model) if compiled else self.model
         self.loss_fn = loss_fn
         gen = torch.Generator().manual_seed(0)

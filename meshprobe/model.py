@@ -172,7 +172,8 @@ class Stack(nn.Module):
 # MeSH: a buffer of B slots, written and read by per-step routers (paper §1.3).
 # ---------------------------------------------------------------------------------------------------------
 class ChainedRead(torch.autograd.Function):
-    """One read y = sum_i coef[..., i, None] * values[i], coef [batch, seq, n], n values [batch, seq, d].
+    """One read y = sum_i coef[i] * values[i]: coef [n, batch, seq, 1] (one contiguous column per value, the
+    broadcast that PyTorch's CPU kernels run fastest), n values [batch, seq, d].
 
     The reads of one forward pass are chained through `pending`, an expanded placeholder [N, batch, seq, d] that
     holds no memory. Backward, the chain's gradient is one real [N, batch, seq, d] buffer (made by the last read):
@@ -189,9 +190,9 @@ class ChainedRead(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.first_new, ctx.pending_shape = first_new, pending.shape
         ctx.save_for_backward(coef, *values)
-        out = values[0] * coef[..., :1]
+        out = values[0] * coef[0]
         for i, value in enumerate(values[1:], start=1):
-            out.addcmul_(coef[..., i : i + 1], value)
+            out.addcmul_(coef[i], value)
         return out, coef.new_zeros(()).expand(pending.shape)
 
     @staticmethod
@@ -205,11 +206,11 @@ class ChainedRead(torch.autograd.Function):
         if grad is not None:
             for i in range(len(values)):
                 if fresh:
-                    torch.mul(grad, coef[..., i : i + 1], out=pending[i])
+                    torch.mul(grad, coef[i], out=pending[i])
                 else:
-                    pending[i].addcmul_(grad, coef[..., i : i + 1])
+                    pending[i].addcmul_(grad, coef[i])
             g = grad.unsqueeze(-2)  # [batch, seq, 1, d]
-            grad_coef = torch.cat([g @ value.unsqueeze(-1) for value in values], dim=-1).squeeze(-2)
+            grad_coef = torch.stack([(g @ value.unsqueeze(-1)).squeeze(-1) for value in values])
         elif fresh:
             pending.zero_()
         new = [pending[i] if i >= ctx.first_new else None for i in range(len(values))]
@@ -254,9 +255,9 @@ class MeshBuffer:
         self.values.append(x)
         if len(self.values) > self.pending.shape[0]:
             raise RuntimeError(f"MeshBuffer was sized for {self.pending.shape[0]} written values")
-        coef = (torch.stack(self.weights, dim=1) * w_read.unsqueeze(1)).sum(dim=2)  # [batch, writes, seq]
-        # contiguous [batch, seq, writes]: a broadcast operand with a strided seq dim makes mul ~8x slower
-        out, self.pending = ChainedRead.apply(self.pending, coef.mT.contiguous(), self.n_read, *self.values)
+        coef = (torch.stack(self.weights) * w_read).sum(dim=2)  # [writes, batch, seq]
+        # one contiguous [batch, seq, 1] column per value: a broadcast operand with a strided seq dim is slower
+        out, self.pending = ChainedRead.apply(self.pending, coef.unsqueeze(-1), self.n_read, *self.values)
         self.n_read = len(self.values)
         return out
 
