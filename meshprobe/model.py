@@ -278,12 +278,16 @@ class MeshStep(nn.Module):
         self.hook_read_weights = HookPoint()  # [batch, seq, B]
         self.hook_memory = HookPoint()  # [batch, B, seq, d], after this step's write
 
-    def forward(self, router_input, h_m, memory: MeshBuffer) -> torch.Tensor:
-        # Both routers in one matmul; softmax over the slots in slot-major layout [batch, 2, B, seq]. The hooks
-        # see [batch, seq, B] views (.mT) of the weights.
+    def router_logits(self, router_input: torch.Tensor) -> torch.Tensor:
+        """Both routers in one matmul -> logits in slot-major layout [batch, 2 (write, read), B, seq]. The model
+        calls this as soon as the step's input exists (the matmul then reads it from cache), and `forward` later,
+        after the core: the softmax and the hooks still come after the core's hooks."""
         weight = torch.cat([self.write_router.weight, self.read_router.weight])
         bias = torch.cat([self.write_router.bias, self.read_router.bias])
-        logits = F.linear(router_input, weight, bias).unflatten(-1, (2, -1)).permute(0, 2, 3, 1)
+        return F.linear(router_input, weight, bias).unflatten(-1, (2, -1)).permute(0, 2, 3, 1)
+
+    def forward(self, logits, h_m, memory: MeshBuffer) -> torch.Tensor:
+        # Softmax over the slots in slot-major layout; the hooks see [batch, seq, B] views (.mT) of the weights.
         w_write, w_read = logits.softmax(dim=2).unbind(1)
         w_write = run_hook(self.hook_write_weights, w_write.mT).mT
         w_read = run_hook(self.hook_read_weights, w_read.mT).mT
@@ -438,17 +442,18 @@ class MeshprobeModel(TLModelSurface, HookedRootModule):
             dense = attached([self.entry.mesh.hook_memory, *(step.mesh.hook_memory for step in self.loop)])
             memory = MeshBuffer(h_emb, cfg.mesh_slots, dense, cfg.n_loops + 2)  # m_0 = h_emb, the other slots empty
             # Entry cycle: write the prelude output, read h^(0); routers see the prelude output.
-            h = self.entry.mesh(prelude_out, prelude_out, memory)
+            h = self.entry.mesh(self.entry.mesh.router_logits(prelude_out), prelude_out, memory)
         else:
             h = prelude_out
         h0 = h
         for t, step in enumerate(self.loop):
             h = run_hook(step.hook_state_in, h)
+            logits = step.mesh.router_logits(h) if cfg.variant == "mesh" else None  # routers read h^(t)
             stack = self.step_weights(t)
             h_m = run_hook(step.hook_core_out, stack(h, cos, sin, self.call_sites(u, len(stack.layers))))
             u += len(stack.layers)
             if cfg.variant == "mesh":
-                h_next = step.mesh(h, h_m, memory)
+                h_next = step.mesh(logits, h_m, memory)
             else:
                 h_next = self._supplement(step, h_m, h, h0, h_emb)
             h = run_hook(step.hook_state_out, h_next)
