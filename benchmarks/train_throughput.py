@@ -40,6 +40,7 @@ import argparse
 import gc
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -264,7 +265,10 @@ def main(argv=None) -> int:
     unit = args.interleave if args.interleave != "auto" else ("round" if device.type == "cuda" else "step")
     clock = args.clock if args.clock != "auto" else (
         "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     run_interleaved(runners, args.repeats, args.steps, unit)
+    faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / (
+        len(runners) * args.repeats * args.steps)
     for r, runner in zip(results, runners):
         r["runner"] = runner
     for runner, r in zip(runners, results):
@@ -301,7 +305,8 @@ def main(argv=None) -> int:
           f"d_model {args.d_model}, {heads} heads, vocab {args.vocab}, batch {args.batch} x seq {args.seq}, "
           f"median of {args.repeats} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps, "
           f"turns of one {unit}; ratio = median of paired per-{unit} ratios [IQR] (pairs), {clock} clock"
-          + (f"; allocator (all models): {allocator}" if device.type == "cpu" else "") + "\n")
+          + (f"; allocator (all models): {allocator}, {faults_per_step:,.0f} page faults per step"
+             if device.type == "cpu" else "") + "\n")
     print("| model | layout | mode | matmul params/token | tokens/s | ratio [IQR] (pairs) | MFU |" +
           (" peak mem |" if device.type == "cuda" else ""))
     print("|---|---|---|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else ""))
@@ -324,7 +329,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev_name, "torch": torch.__version__, "transformers": hf_version,
-                       "precision": precision, "allocator": allocator, "args": vars(args), "results": results}, f, indent=2)
+                       "precision": precision, "allocator": allocator, "page_faults_per_step": faults_per_step, "args": vars(args), "results": results}, f, indent=2)
     return 0
 
 

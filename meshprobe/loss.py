@@ -8,7 +8,7 @@ The logits of a training batch are the largest tensor of a small model's step (b
 ~2 MiB of logits that stay in cache: each chunk's logits, loss and gradient (softmax - one-hot) are made and
 used at once, and the gradients of h and of the unembedding are accumulated during the forward, so the
 backward only scales them. The same technique as Liger-Kernel's fused linear cross-entropy, in plain PyTorch.
-Measured at that shape on one CPU thread (`benchmarks/loss.py`): see the README's speed section.
+Its effect is vanilla's lead over HF GPTNeoXForCausalLM in `benchmarks/train_throughput.py` (README, Benchmarks).
 
 The model uses it for `forward(return_type="loss")` and for the training loss whenever autocast is off (fp32,
 the CPU default); under bf16 autocast the loss keeps the logits path (fp32 cross-entropy of bf16 logits, as

@@ -70,13 +70,12 @@ def tune_cpu_allocator() -> bool:
 
     glibc serves an allocation above its mmap threshold (128 KiB at first, raised as chunks are freed, at most
     32 MiB) with fresh pages from the kernel and hands them back on free, and it returns free heap top above
-    its trim threshold. Every [batch, seq, d] activation and gradient of a training step is then page-faulted
-    and zeroed by the kernel again at every step: at the bundled shape (d 128, batch 16 x seq 128, on CPU)
-    ~40,000 page faults per step. With allocations up to 64 MiB served from the heap and up to 1 GiB of free
-    heap kept, ~1,000 remain and a step takes ~12% less CPU time (418 -> 370 ms, base model); the process
-    keeps its peak memory (+12% resident, 745 -> 831 MB). `resolve_device` calls this for every CPU run
-    (train, evaluate, analyze); the training benchmark calls it for all models alike. Skipped when the user
-    set any MALLOC_*_ variable (their choice wins) or MESHPROBE_MALLOC=default.
+    its trim threshold, so large tensors are page-faulted and zeroed by the kernel again at every step. With
+    allocations up to 64 MiB served from the heap and up to 1 GiB of free heap kept, the training benchmark at
+    the bundled shape goes from 12,474 to 712 page faults per step, and `meshprobe analyze` of a bundled model
+    (500 samples) from 115 s to 97 s of CPU time; the process keeps its peak memory. `resolve_device` calls this
+    for every CPU run (train, evaluate, analyze); the training benchmark calls it for all models alike.
+    Skipped when the user set any MALLOC_*_ variable (their choice wins) or MESHPROBE_MALLOC=default.
     """
     global _allocator_tuned
     if _allocator_tuned is not None:

@@ -70,7 +70,7 @@ from meshprobe.analysis.probe_suite import ProbeSuite, random_init_baseline
 from meshprobe.analysis.token_probes import DEFAULT_OFFSETS
 from meshprobe.analysis.schema import FORMAT, FORMAT_VERSION, METRICS_KEYS, metric_key_paths, to_jsonable
 from meshprobe.errors import UserError
-from meshprobe.runtime import resolve_device, torch_threads
+from meshprobe.runtime import resolve_device, torch_threads, tune_cpu_allocator
 
 __all__ = ["Analyzer", "analyze_model", "sample_tokens", "analyze_checkpoints", "write_outputs", "METRICS_KEYS",
            "metric_key_paths", "to_jsonable", "FORMAT", "FORMAT_VERSION", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN"]
@@ -113,6 +113,8 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    if device.type == "cpu":
+        tune_cpu_allocator()  # as resolve_device does for the CLI
     model = model.to(device).eval()
     N, seq = tokens.shape
     t0 = time.time()
