@@ -15,19 +15,25 @@ from contextlib import contextmanager
 
 import torch
 
-import meshprobe.model as model_module
+import meshprobe.mesh
+import meshprobe.model
+import meshprobe.tl_compat
 from meshprobe import ModelConfig, build_model
+
+HOOKED_MODULES = (meshprobe.model, meshprobe.mesh, meshprobe.tl_compat)  # every module that calls run_hook
 
 
 @contextmanager
 def hooks_removed():
     """Replace run_hook by the identity: the forward a model without any HookPoint would run."""
-    original = model_module.run_hook
-    model_module.run_hook = lambda hook, x: x
+    original = meshprobe.tl_compat.run_hook
+    for module in HOOKED_MODULES:
+        module.run_hook = lambda hook, x: x
     try:
         yield
     finally:
-        model_module.run_hook = original
+        for module in HOOKED_MODULES:
+            module.run_hook = original
 
 
 def timed(fn, device, repeats, warmup=3):

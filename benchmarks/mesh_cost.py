@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    import meshprobe.model as M
+    import meshprobe.mesh as M
     from meshprobe import ModelConfig, build_model
     from meshprobe.runtime import tune_cpu_allocator
 

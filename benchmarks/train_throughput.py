@@ -329,7 +329,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev_name, "torch": torch.__version__, "transformers": hf_version,
-                       "precision": precision, "allocator": allocator, "page_faults_per_step": faults_per_step, "args": vars(args), "results": results}, f, indent=2)
+                       "precision": precision, "allocator": allocator, "page_faults_per_step": faults_per_step,
+                       "args": vars(args), "results": results}, f, indent=2)
     return 0
 
 
