@@ -5,8 +5,8 @@ stand-in that keeps the routers, timed in one process, step by step, in an order
     OMP_NUM_THREADS=1 python benchmarks/mesh_cost.py --d-model 256 --turns 20
 
 "MeSH, routers only" runs everything MeSH runs (router matmuls, softmax, hooks, the read coefficients) except the
-read itself (`MeshBuffer.write_read` returns h_m plus a zero-weighted use of the coefficients, so their backward
-runs too). It is not a model, only a measurement: base -> routers only is the routers' cost, routers only ->
+read itself (`MeshBuffer.write_read` returns h_m, tied to the coefficients by a function whose backward hands
+them zeros, so the routers' backward runs too). It is not a model, only a measurement: base -> routers only is the routers' cost, routers only ->
 MeSH the read's (forward and backward). Ratios are medians of paired per-turn ratios of process CPU time
 (throughput of the model / throughput of base), [interquartile range]; full training steps (forward, loss,
 backward, clipping, fused AdamW) on a fixed random batch, under the allocator settings `meshprobe train` uses.
@@ -23,13 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def routers_only(self, w_write, x, w_read, hook_memory):
-    """Stand-in for MeshBuffer.write_read: the coefficients as the real read makes them, but no read."""
+    """Stand-in for MeshBuffer.write_read: the coefficients as the real read makes them, but no read; h_m is
+    returned as it is, tied to the coefficients so that their backward (and the routers') still runs."""
     import torch
+
+    class Attach(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, coef):
+            ctx.coef_shape = coef.shape
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, grad.new_zeros(ctx.coef_shape)
 
     w_write, w_read = w_write.to(x.dtype), w_read.to(x.dtype)
     self.weights.append(w_write)
     coef = (torch.stack(self.weights) * w_read).sum(dim=2)  # [writes, batch, seq]
-    return x + 0.0 * coef.sum(0).unsqueeze(-1)
+    return Attach.apply(x, coef)
 
 
 def main(argv=None) -> int:
