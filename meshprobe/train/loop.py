@@ -204,9 +204,8 @@ def setup(model_cfg, cfg, out_dir, resuming, device, rank, world, micro, show, s
     run.params = [p for g in groups for p in g["params"]]
     # Fused AdamW on every device: on CPU too it is one kernel over all tensors instead of ~12 small ops per
     # parameter tensor (which made MeSH's 16 small router tensors cost as much as big ones).
-    opt_kwargs = {"fused": True}
     run.optimizer = torch.optim.AdamW(groups, lr=lr_at(0, run.total_steps, cfg.lr, cfg.warmup_frac, cfg.min_lr_frac),
-                                      betas=cfg.betas, eps=cfg.eps, **opt_kwargs)
+                                      betas=cfg.betas, eps=cfg.eps, fused=True)
     if resuming:
         _restore(run)
     _wrap(run)
