@@ -19,24 +19,27 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class Attach(torch.autograd.Function):
+    """h_m unchanged, tied to the read coefficients: their backward (and the routers') runs on zero gradients."""
+
+    @staticmethod
+    def forward(ctx, x, coef):
+        ctx.coef_shape = coef.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.coef_shape)
 
 
 def routers_only(self, w_write, x, w_read, hook_memory):
     """Stand-in for MeshBuffer.write_read: the coefficients as the real read makes them, but no read; h_m is
-    returned as it is, tied to the coefficients so that their backward (and the routers') still runs."""
-    import torch
-
-    class Attach(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, coef):
-            ctx.coef_shape = coef.shape
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad, grad.new_zeros(ctx.coef_shape)
-
+    returned as it is (Attach), so no pass over the state is added."""
     w_write, w_read = w_write.to(x.dtype), w_read.to(x.dtype)
     self.weights.append(w_write)
     coef = (torch.stack(self.weights) * w_read).sum(dim=2)  # [writes, batch, seq]
@@ -53,8 +56,6 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--turns", type=int, default=40, help="timed steps per model")
     args = p.parse_args(argv)
-
-    import torch
 
     import meshprobe.mesh as M
     from meshprobe import ModelConfig, build_model
