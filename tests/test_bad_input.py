@@ -102,13 +102,19 @@ DAMAGE = {  # name -> (damage(checkpoint folder), a phrase of the message)
 }
 
 
-@pytest.mark.parametrize("case", list(DAMAGE))
-def test_resume_of_a_damaged_checkpoint(env, case, tmp_path, capsys):
+def damaged_copy(env, case, tmp_path):
+    """A copy of the good checkpoint damaged as DAMAGE[case] says: (its path, the expected phrase, a snapshot of
+    tmp_path taken after the damage)."""
     damage, phrase = DAMAGE[case]
     ck = tmp_path / "ck"
     shutil.copytree(env["good"], ck)
     damage(ck)
-    before = snapshot(tmp_path)
+    return ck, phrase, snapshot(tmp_path)
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_resume_of_a_damaged_checkpoint(env, case, tmp_path, capsys):
+    ck, phrase, before = damaged_copy(env, case, tmp_path)
     assert main(["train", "--config", str(env["preset"]), "--out", str(ck), "--resume", "--steps", "3", "--quiet"]) == 2
     assert phrase in one_error(capsys, "train")
     assert snapshot(tmp_path) == before and not (ck / "PWNED").exists()
@@ -120,11 +126,7 @@ INFO_CASES = ["weights truncated", "weights wrong shape", "config corrupt", "con
 
 @pytest.mark.parametrize("case", INFO_CASES)
 def test_info_of_a_damaged_checkpoint(env, case, tmp_path, capsys):
-    damage, phrase = DAMAGE[case]
-    ck = tmp_path / "ck"
-    shutil.copytree(env["good"], ck)
-    damage(ck)
-    before = snapshot(tmp_path)
+    ck, phrase, before = damaged_copy(env, case, tmp_path)
     assert main(["info", str(ck)]) == 2
     assert phrase in one_error(capsys, "info")
     assert snapshot(tmp_path) == before
