@@ -1,0 +1,83 @@
+"""Fused CPU kernels for MeSH's memory read (numba), used by :class:`meshprobe.mesh.ChainedRead`.
+
+A read is y = sum_i coef_i x_i over the n values x_i [tokens, d] written so far, with one coefficient per token
+and value, coef_i = sum_b w_i[b] r[b] (write weights w_i, read weights r, both [batch, B, seq]). As PyTorch ops
+that is, forward, one pass over the output per value; backward, per value an in-place multiply-add of the
+gradient into the value's gradient row and a batched dot product for the coefficient's gradient (a slow kernel
+on CPU), then the weights' small gradients. These kernels walk the tokens once: forward, each output row is
+built from the values' rows while it stays in L1; backward, each gradient row is read once for all values' dot
+products and gradient rows. Same arithmetic; only summation order differs (the dot products may be reordered,
+`reassoc`, so they vectorize, and accumulate in float64). At the bundled shape they are ~1.6x (forward) and
+~2.5x (backward) faster than the PyTorch ops; `benchmarks/mesh_cost.py` measures the whole training step.
+
+Used only where they apply (`usable`): CPU tensors of one float dtype, contiguous, numba importable, not inside
+torch.compile; everywhere else ChainedRead runs its PyTorch ops (the reference: tests compare the two).
+`MESHPROBE_KERNELS=torch` (read when the first read runs) turns them off. Numba compiles them on first use and
+caches the machine code next to `_numba_read.py` (or in NUMBA_CACHE_DIR); they run on one thread, like the
+memory-bound PyTorch ops they replace at these sizes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MAX_VALUES = 32  # more values (K > 30) run the PyTorch ops
+_compiled = None  # (forward, backward) once built; False where numba is missing or turned off
+
+
+def usable(values, *others: torch.Tensor) -> bool:
+    """Whether the fused kernels can run on a read of these values (else the caller uses PyTorch ops)."""
+    if len(values) > MAX_VALUES or torch.compiler.is_compiling() or not _kernels():
+        return False
+    dtype = values[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in (*values, *others))
+
+
+def read_forward(coef: torch.Tensor, values) -> torch.Tensor:
+    """sum_i coef[i] * values[i]; coef [n, batch, seq, 1], values [batch, seq, d]."""
+    out = torch.empty_like(values[0])
+    _kernels()[0](_rows(out), _columns(coef), _padded([_rows(v) for v in values]), len(values))
+    return out
+
+
+def read_backward(grad, coef, values, rows: torch.Tensor, fresh: bool) -> torch.Tensor:
+    """Add (fresh: write) coef[i] * grad into rows[i] for every value; return d loss / d coef [n, batch, seq, 1]."""
+    n = len(values)
+    grad_coef = torch.empty_like(coef)
+    _kernels()[1](_rows(grad), _columns(coef), _padded([_rows(v) for v in values]),
+                  _padded([_rows(rows[i]) for i in range(n)]), n, fresh, _columns(grad_coef))
+    return grad_coef
+
+
+def _columns(coef: torch.Tensor):
+    return coef.detach().view(coef.shape[0], -1).numpy()
+
+
+def _rows(t: torch.Tensor):
+    return t.detach().view(-1, t.shape[-1]).numpy()
+
+
+def _padded(arrays: list) -> tuple:
+    """A tuple of 8, 16 or 32 arrays (the kernels' compiled signatures; unused entries repeat the first): numba
+    compiles one kernel per tuple length, and a needlessly long tuple slows the backward ~1.4x."""
+    size = 8
+    while size < len(arrays):
+        size *= 2
+    return tuple(arrays) + (arrays[0],) * (size - len(arrays))
+
+
+def _kernels():
+    """Compile (or load from numba's cache) the two kernels on first use; numba is imported only then."""
+    global _compiled
+    if _compiled is None:
+        _compiled = False
+        if os.environ.get("MESHPROBE_KERNELS", "numba") != "torch":
+            try:
+                from meshprobe import _numba_read
+
+                _compiled = (_numba_read.forward, _numba_read.backward)
+            except ImportError:  # numba is a dependency; the PyTorch ops run wherever it is missing
+                pass
+    return _compiled

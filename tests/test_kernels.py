@@ -1,0 +1,93 @@
+"""The fused CPU kernels of MeSH's read (meshprobe.kernels) against the PyTorch ops they replace: the kernels
+directly, then whole models (loss and every gradient) with and without them, and when they stand aside."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_cfg
+from test_model import MESH_CFGS, _loss_and_grads, randomized, tokens_for
+
+from meshprobe import kernels
+
+
+def reference_read(coef, values, rows, grad, fresh):
+    """The read and its backward as plain PyTorch ops (what ChainedRead runs without the kernels)."""
+    out = sum(c * v for c, v in zip(coef, values))
+    for i in range(len(values)):
+        rows[i] = coef[i] * grad if fresh else rows[i] + coef[i] * grad
+    grad_coef = torch.stack([(grad * v).sum(-1, keepdim=True) for v in values])
+    return out, grad_coef
+
+
+@pytest.mark.skipif(not kernels._kernels(), reason="numba not importable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 2, 5, 9])  # 9 values: the 16-entry signature
+@pytest.mark.parametrize("fresh", [True, False])
+def test_kernels_equal_pytorch_ops(n, fresh, dtype):
+    g = torch.Generator().manual_seed(n)
+    shape = (3, 7, 20)
+    values = [torch.randn(shape, generator=g, dtype=dtype) for _ in range(n)]
+    coef = torch.randn(n, 3, 7, 1, generator=g, dtype=dtype)
+    grad = torch.randn(shape, generator=g, dtype=dtype)
+    rows = torch.randn(n + 1, *shape, generator=g, dtype=dtype)  # one row more than the read uses
+    want_rows = rows.clone()
+    want_out, want_grad_coef = reference_read(coef, values, want_rows, grad, fresh)
+    assert kernels.usable(values, coef, grad, rows)
+    out = kernels.read_forward(coef, values)
+    grad_coef = kernels.read_backward(grad, coef, values, rows, fresh)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, want_out, **tol)
+    torch.testing.assert_close(grad_coef, want_grad_coef, **tol)
+    torch.testing.assert_close(rows, want_rows, **tol)  # the unused last row untouched
+
+
+def test_kernels_stand_aside_where_they_do_not_apply():
+    x = torch.randn(2, 3, 4)
+    coef = torch.randn(1, 2, 3, 1)
+    assert not kernels.usable([x.mT.contiguous().mT], coef)  # not contiguous
+    assert not kernels.usable([x.bfloat16()], coef.bfloat16())  # bf16 (autocast) runs PyTorch's ops
+    assert not kernels.usable([x], coef.double())  # mixed dtypes
+    assert not kernels.usable([x] * (kernels.MAX_VALUES + 1), coef)
+
+
+@pytest.mark.skipif(not kernels._kernels(), reason="numba not importable")
+@pytest.mark.parametrize("cfg", MESH_CFGS, ids=lambda c: c.layout)
+def test_model_with_kernels_equals_model_without(cfg, monkeypatch):
+    model = randomized(cfg).train()
+    tokens = tokens_for(cfg)
+    calls = []
+    for name in ("read_forward", "read_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    fused_logits, fused_grads = _loss_and_grads(model, tokens)
+    reads = cfg.n_loops + 1
+    assert calls.count("read_forward") == reads and calls.count("read_backward") == reads
+    monkeypatch.setattr(kernels, "_compiled", False)
+    calls.clear()
+    plain_logits, plain_grads = _loss_and_grads(model, tokens)
+    assert calls == []
+    torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_environment_switch_turns_the_kernels_off():
+    code = "from meshprobe import kernels; print(bool(kernels._kernels()))"
+    env = {**os.environ, "MESHPROBE_KERNELS": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not kernels._kernels(), reason="numba not importable")
+def test_no_grad_forward_uses_the_kernel_and_matches(monkeypatch):
+    """Analysis runs forward under no_grad; the kernel's forward serves it too."""
+    cfg = tiny_cfg(variant="mesh")
+    model = randomized(cfg)
+    tokens = tokens_for(cfg)
+    with torch.no_grad():
+        fused = model(tokens)
+        monkeypatch.setattr(kernels, "_compiled", False)
+        plain = model(tokens)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
