@@ -19,6 +19,7 @@ memory-bound PyTorch ops they replace at these sizes.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -69,15 +70,33 @@ def _padded(arrays: list) -> tuple:
 
 
 def _kernels():
-    """Compile (or load from numba's cache) the two kernels on first use; numba is imported only then."""
+    """The two kernels, compiled (or loaded from numba's cache) and checked on a tiny read the first time they are
+    asked for; False where numba is missing, fails, or `MESHPROBE_KERNELS=torch`. numba is imported only here."""
     global _compiled
     if _compiled is None:
         _compiled = False
         if os.environ.get("MESHPROBE_KERNELS", "numba") != "torch":
             try:
-                from meshprobe import _numba_read
-
-                _compiled = (_numba_read.forward, _numba_read.backward)
+                _compiled = _checked()
             except ImportError:  # numba is a dependency; the PyTorch ops run wherever it is missing
                 pass
+            except Exception as e:  # a numba that cannot compile them: say so once, keep training
+                warnings.warn(f"meshprobe: MeSH's fused CPU read is off ({type(e).__name__}: {e}); "
+                              "using PyTorch ops", RuntimeWarning, stacklevel=2)
     return _compiled
+
+
+def _checked():
+    from meshprobe import _numba_read
+
+    kernels = (_numba_read.forward, _numba_read.backward)
+    coef = torch.tensor([[[[0.5]]], [[[2.0]]]])  # a read of two values, one token, d = 3
+    values = [torch.ones(1, 1, 3), torch.full((1, 1, 3), 3.0)]
+    out = torch.empty(1, 1, 3)
+    kernels[0](_rows(out), _columns(coef), _padded([_rows(v) for v in values]), 2)
+    rows, grad_coef = torch.zeros(2, 1, 1, 3), torch.empty_like(coef)
+    kernels[1](_rows(torch.ones(1, 1, 3)), _columns(coef), _padded([_rows(v) for v in values]),
+               _padded([_rows(rows[i]) for i in range(2)]), 2, True, _columns(grad_coef))
+    if out.flatten().tolist() != [6.5] * 3 or grad_coef.flatten().tolist() != [3.0, 9.0]:
+        raise RuntimeError("the compiled kernels gave wrong results on a check read")
+    return kernels

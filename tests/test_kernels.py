@@ -91,3 +91,14 @@ def test_no_grad_forward_uses_the_kernel_and_matches(monkeypatch):
         monkeypatch.setattr(kernels, "_compiled", False)
         plain = model(tokens)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_numba_that_fails_warns_once_and_leaves_the_pytorch_ops(monkeypatch):
+    def broken():
+        raise RuntimeError("no LLVM here")
+
+    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setattr(kernels, "_checked", broken)
+    with pytest.warns(RuntimeWarning, match="fused CPU read is off .*no LLVM here"):
+        assert kernels._kernels() is False
+    assert not kernels.usable([torch.randn(2, 3)], torch.randn(1, 2, 1))
