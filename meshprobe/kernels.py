@@ -32,8 +32,12 @@ def usable(values, *others: torch.Tensor) -> bool:
     if len(values) > MAX_VALUES or torch.compiler.is_compiling() or not _kernels():
         return False
     dtype = values[0].dtype
-    return dtype in (torch.float32, torch.float64) and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in (*values, *others))
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    for t in (*values, *others):
+        if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):
+            return False
+    return True
 
 
 def read_forward(coef: torch.Tensor, values) -> torch.Tensor:

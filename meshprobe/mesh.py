@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from meshprobe import kernels
 from meshprobe._tl import HookPoint
 from meshprobe.config import ModelConfig
-from meshprobe.tl_compat import run_hook
+from meshprobe.tl_compat import attached, run_hook
 
 
 class ChainedRead(torch.autograd.Function):
@@ -142,6 +142,11 @@ class MeshStep(nn.Module):
     def forward(self, logits, h_m, memory: MeshBuffer) -> torch.Tensor:
         # Softmax over the slots in slot-major layout; the hooks see [batch, seq, B] views (.mT) of the weights.
         w_write, w_read = logits.softmax(dim=2).unbind(1)
-        w_write = run_hook(self.hook_write_weights, w_write.mT).mT
-        w_read = run_hook(self.hook_read_weights, w_read.mT).mT
+        w_write = slot_major_hook(self.hook_write_weights, w_write)
+        w_read = slot_major_hook(self.hook_read_weights, w_read)
         return memory.write_read(w_write, h_m, w_read, self.hook_memory)
+
+
+def slot_major_hook(hook: HookPoint, w: torch.Tensor) -> torch.Tensor:
+    """A router-weight hook sees (and may replace) the [batch, seq, B] view of slot-major w; idle, no views."""
+    return hook(w.mT).mT if attached([hook]) else w
