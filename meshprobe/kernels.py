@@ -1,20 +1,21 @@
 """Fused CPU kernels for MeSH's memory read (numba), used by :class:`meshprobe.mesh.ChainedRead`.
 
-A read is y = sum_i coef_i x_i over the n values x_i [tokens, d] written so far, with one coefficient per token
-and value, coef_i = sum_b w_i[b] r[b] (write weights w_i, read weights r, both [batch, B, seq]). As PyTorch ops
-that is, forward, one pass over the output per value; backward, per value an in-place multiply-add of the
-gradient into the value's gradient row and a batched dot product for the coefficient's gradient (a slow kernel
-on CPU), then the weights' small gradients. These kernels walk the tokens once: forward, each output row is
-built from the values' rows while it stays in L1; backward, each gradient row is read once for all values' dot
-products and gradient rows. Same arithmetic; only summation order differs (the dot products may be reordered,
-`reassoc`, so they vectorize, and accumulate in float64). At the bundled shape they are ~1.6x (forward) and
-~2.5x (backward) faster than the PyTorch ops; `benchmarks/mesh_cost.py` measures the whole training step.
+A read is y = sum_i coef_i x_i over the n values x_i [tokens, d] written so far, one coefficient per token and
+value (ChainedRead computes the coefficients, and their small tensors' gradients, with PyTorch ops). As
+PyTorch ops the read is, forward, one pass over the output per value; backward, per value an in-place
+multiply-add of the gradient into the value's gradient row and a batched dot product for the coefficient's
+gradient (a slow CPU kernel, ~10x under memory speed). These kernels walk the tokens once: forward, each output
+row is built from the values' rows while it stays in L1; backward, each gradient row is read once for all
+values' dot products and gradient rows. Same arithmetic; only summation order differs (the dot products may be
+reordered, `reassoc`, so they vectorize, and accumulate in float64). Alone at the bundled shape (L2 flushed)
+they are ~1.7x (forward) and ~2.5x (backward) faster than the PyTorch ops; `benchmarks/mesh_cost.py` measures
+the whole training step.
 
 Used only where they apply (`usable`): CPU tensors of one float dtype, contiguous, numba importable, not inside
 torch.compile; everywhere else ChainedRead runs its PyTorch ops (the reference: tests compare the two).
 `MESHPROBE_KERNELS=torch` (read when the first read runs) turns them off. Numba compiles them on first use and
-caches the machine code next to `_numba_read.py` (or in NUMBA_CACHE_DIR); they run on one thread, like the
-memory-bound PyTorch ops they replace at these sizes.
+caches the machine code next to `_numba_read.py` (or in NUMBA_CACHE_DIR). They run on one thread: with two
+torch threads they are level with the PyTorch ops (README, Benchmarks).
 """
 from __future__ import annotations
 
