@@ -30,10 +30,10 @@ _compiled = None  # (forward, backward) once built; False where numba is missing
 
 def usable(values, *others: torch.Tensor) -> bool:
     """Whether the fused kernels can run on a read of these values (else the caller uses PyTorch ops)."""
-    if len(values) > MAX_VALUES or torch.compiler.is_compiling() or not _kernels():
-        return False
     dtype = values[0].dtype
-    if dtype not in (torch.float32, torch.float64):
+    if not values[0].is_cpu or dtype not in (torch.float32, torch.float64) or len(values) > MAX_VALUES:
+        return False  # checked first, so a GPU run never imports numba
+    if torch.compiler.is_compiling() or not _kernels():
         return False
     for t in (*values, *others):
         if not (t.is_cpu and t.dtype == dtype and t.is_contiguous()):

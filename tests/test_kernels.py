@@ -52,6 +52,15 @@ def test_kernels_stand_aside_where_they_do_not_apply():
     assert not kernels.usable([x] * (kernels.MAX_VALUES + 1), coef)
 
 
+def test_a_non_cpu_read_never_asks_for_numba(monkeypatch):
+    def no(*_):
+        raise AssertionError("numba was asked for on a non-CPU read")
+
+    monkeypatch.setattr(kernels, "_kernels", no)
+    meta = torch.empty(2, 3, 4, device="meta")  # stands in for a GPU tensor
+    assert not kernels.usable([meta], torch.empty(1, 2, 3, 1, device="meta"))
+
+
 @pytest.mark.skipif(not kernels._kernels(), reason="numba not importable")
 @pytest.mark.parametrize("cfg", MESH_CFGS, ids=lambda c: c.layout)
 def test_model_with_kernels_equals_model_without(cfg, monkeypatch):
