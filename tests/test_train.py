@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shakespeare_text
 from meshprobe.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,14 +25,8 @@ TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
 def env(tmp_path_factory):
     """A small corpus file and a private token cache for this module."""
     root = tmp_path_factory.mktemp("train")
-    import importlib.resources
-
-    texts = importlib.resources.files("shksprdata") / "texts"
-    names = sorted(p.name for p in texts.iterdir() if p.name.endswith(".txt") and not p.name.endswith("_f.txt")
-                   and p.name != "metadata.txt")[:2]
-    text = "".join((texts / n).read_text(encoding="utf-8", errors="replace")[:80_000] for n in names)
     corpus = root / "corpus.txt"
-    corpus.write_text(text, encoding="utf-8")
+    corpus.write_text(shakespeare_text(2, 80_000), encoding="utf-8")
     preset = root / "small.toml"
     preset.write_text(
         '[model]\nd_model = 32\nn_heads = 4\nvocab_size = 512\nn_ctx = 64\nlayout = "1+1R2+1"\nvariant = "base"\n'
