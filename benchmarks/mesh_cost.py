@@ -45,8 +45,7 @@ def routers_only(self, w_write, x, w_read, hook_memory):
     returned as it is (Attach), so no pass over the state is added."""
     w_write, w_read = w_write.to(x.dtype), w_read.to(x.dtype)
     self.weights.append(w_write)
-    coef = (torch.stack(self.weights) * w_read).sum(dim=2)  # [writes, batch, seq]
-    return Attach.apply(x, coef)
+    return Attach.apply(x, self.coefficients(w_read))
 
 
 def main(argv=None) -> int:

@@ -40,10 +40,11 @@ class ChainedRead(torch.autograd.Function):
         ctx.first_new, ctx.pending_shape = first_new, pending.shape
         ctx.save_for_backward(coef, *values)
         if kernels.usable(values, coef):
-            return kernels.read_forward(coef, values), coef.new_zeros(()).expand(pending.shape)
-        out = values[0] * coef[0]
-        for i, value in enumerate(values[1:], start=1):
-            out.addcmul_(coef[i], value)
+            out = kernels.read_forward(coef, values)
+        else:
+            out = values[0] * coef[0]
+            for i, value in enumerate(values[1:], start=1):
+                out.addcmul_(coef[i], value)
         return out, coef.new_zeros(()).expand(pending.shape)
 
     @staticmethod
@@ -98,6 +99,11 @@ class MeshBuffer:
         self.n_read = 0  # values already handed to a read (their gradients come from that read)
         self.dense = (e0.unsqueeze(-1) * h_emb.unsqueeze(1)) if dense else None  # [batch, B, seq, d]
 
+    def coefficients(self, w_read: torch.Tensor) -> torch.Tensor:
+        """The read's coefficient of every written value, <r, w_tau> per token: [writes, batch, seq, 1], one
+        contiguous column per value (a broadcast operand with a strided seq dim is slower)."""
+        return (torch.stack(self.weights) * w_read).sum(dim=2).unsqueeze(-1)
+
     def write_read(self, w_write, x, w_read, hook_memory: HookPoint) -> torch.Tensor:
         """Write x [batch, seq, d] with weights w_write [batch, B, seq], then read with w_read [batch, B, seq]."""
         w_write, w_read = w_write.to(x.dtype), w_read.to(x.dtype)
@@ -108,9 +114,7 @@ class MeshBuffer:
         self.values.append(x)
         if len(self.values) > self.pending.shape[0]:
             raise RuntimeError(f"MeshBuffer was sized for {self.pending.shape[0]} written values")
-        coef = (torch.stack(self.weights) * w_read).sum(dim=2)  # [writes, batch, seq]
-        # one contiguous [batch, seq, 1] column per value: a broadcast operand with a strided seq dim is slower
-        out, self.pending = ChainedRead.apply(self.pending, coef.unsqueeze(-1), self.n_read, *self.values)
+        out, self.pending = ChainedRead.apply(self.pending, self.coefficients(w_read), self.n_read, *self.values)
         self.n_read = len(self.values)
         return out
 
