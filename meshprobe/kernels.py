@@ -82,26 +82,24 @@ def _kernels():
         _compiled = False
         if os.environ.get("MESHPROBE_KERNELS", "numba") != "torch":
             try:
-                _compiled = _checked()
+                from meshprobe import _numba_read
+
+                _compiled = (_numba_read.forward, _numba_read.backward)
+                _check()
             except ImportError:  # numba is a dependency; the PyTorch ops run wherever it is missing
-                pass
+                _compiled = False
             except Exception as e:  # a numba that cannot compile them: say so once, keep training
+                _compiled = False
                 warnings.warn(f"meshprobe: MeSH's fused CPU read is off ({type(e).__name__}: {e}); "
                               "using PyTorch ops", RuntimeWarning, stacklevel=2)
     return _compiled
 
 
-def _checked():
-    from meshprobe import _numba_read
-
-    kernels = (_numba_read.forward, _numba_read.backward)
-    coef = torch.tensor([[[[0.5]]], [[[2.0]]]])  # a read of two values, one token, d = 3
+def _check() -> None:
+    """One read of two values (one token, d = 3) and its backward through the kernels, against known numbers."""
+    coef = torch.tensor([[[[0.5]]], [[[2.0]]]])
     values = [torch.ones(1, 1, 3), torch.full((1, 1, 3), 3.0)]
-    out = torch.empty(1, 1, 3)
-    kernels[0](_rows(out), _columns(coef), _padded([_rows(v) for v in values]), 2)
-    rows, grad_coef = torch.zeros(2, 1, 1, 3), torch.empty_like(coef)
-    kernels[1](_rows(torch.ones(1, 1, 3)), _columns(coef), _padded([_rows(v) for v in values]),
-               _padded([_rows(rows[i]) for i in range(2)]), 2, True, _columns(grad_coef))
+    out = read_forward(coef, values)
+    grad_coef = read_backward(torch.ones(1, 1, 3), coef, values, torch.zeros(2, 1, 1, 3), fresh=True)
     if out.flatten().tolist() != [6.5] * 3 or grad_coef.flatten().tolist() != [3.0, 9.0]:
         raise RuntimeError("the compiled kernels gave wrong results on a check read")
-    return kernels

@@ -110,7 +110,7 @@ def test_a_numba_that_fails_warns_once_and_leaves_the_pytorch_ops(monkeypatch):
         raise RuntimeError("no LLVM here")
 
     monkeypatch.setattr(kernels, "_compiled", None)
-    monkeypatch.setattr(kernels, "_checked", broken)
+    monkeypatch.setattr(kernels, "_check", broken)
     with pytest.warns(RuntimeWarning, match="fused CPU read is off .*no LLVM here"):
         assert kernels._kernels() is False
     with warnings.catch_warnings():
