@@ -36,7 +36,7 @@ def child(args) -> dict:
     import torch
 
     from meshprobe import ModelConfig, build_model, load_checkpoint
-    from meshprobe.analysis.run import analyze_model, sample_tokens
+    from meshprobe.analysis.pipeline.analyze import analyze_model, sample_tokens
 
     device = torch.device(args.device)
     n = args.n

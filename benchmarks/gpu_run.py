@@ -128,7 +128,7 @@ def sizes(dry: bool) -> dict:
 
 def train_configs(dry: bool, device: str, corpus: str, layout: str, variant: str, seed: int = 0, **train_over):
     from meshprobe import ModelConfig
-    from meshprobe.train import TrainConfig
+    from meshprobe.training import TrainConfig
 
     s = sizes(dry)
     extra = train_over.pop("model_extra", {})
@@ -154,7 +154,7 @@ def preset_file(run: Run, corpus: str, name: str, layout: str, variant: str, **t
 # --------------------------------------------------------------------------------------------- a. smoke
 def worker_smoke(args) -> int:
     """In one process: a few steps of every variant, then stop-and-resume on one. Writes a JSON report."""
-    from meshprobe.train import train
+    from meshprobe.training import train
 
     report = {}
     for variant in SMOKE_VARIANTS:
@@ -251,7 +251,7 @@ def throughput(run: Run) -> dict:
 
 # --------------------------------------------------------------------------------------------- c. zoo
 def zoo_spec(run: Run, corpus: str, path: Path, tokens: int, seeds: list[int], prefix: str = "") -> Path:
-    """A zoo spec (meshprobe.zoo format) for the bundled family at `tokens` training tokens per run."""
+    """A zoo spec (meshprobe.paper.zoo format) for the bundled family at `tokens` training tokens per run."""
     s = sizes(run.dry)
     steps = max(2, tokens // (s["batch_size"] * s["seq_len"]))
     over = dict(data=corpus, tokenizer=str(TOKENIZER), vocab_size=4096, d_model=s["d_model"], n_heads=s["n_heads"],
@@ -281,8 +281,8 @@ def worker_zoo(args) -> int:
     """Train the named runs of a zoo spec one after another in this process; print tokens/s per run as JSON."""
     import torch
 
-    from meshprobe.train import train
-    from meshprobe.zoo import load_zoo, run_configs
+    from meshprobe.training import train
+    from meshprobe.paper.zoo import load_zoo, run_configs
 
     torch.set_num_threads(args.threads)
     spec = load_zoo(args.spec)
@@ -377,8 +377,8 @@ def zoo(run: Run, corpus: str) -> dict | None:
 def bundle(run: Run, zoo_info: dict) -> dict:
     import torch
 
-    from meshprobe.zoo import bundle as zoo_bundle
-    from meshprobe.zoo import collect_results, load_zoo
+    from meshprobe.paper.zoo import bundle as zoo_bundle
+    from meshprobe.paper.zoo import collect_results, load_zoo
 
     torch.set_num_threads(os.cpu_count() or 1)
     spec = load_zoo(str(zoo_info["spec"]))

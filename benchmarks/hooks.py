@@ -17,16 +17,16 @@ import torch
 
 import meshprobe.mesh
 import meshprobe.model
-import meshprobe.tl_compat
+import meshprobe.tl.compat
 from meshprobe import ModelConfig, build_model
 
-HOOKED_MODULES = (meshprobe.model, meshprobe.mesh, meshprobe.tl_compat)  # every module that calls run_hook
+HOOKED_MODULES = (meshprobe.model, meshprobe.mesh, meshprobe.tl.compat)  # every module that calls run_hook
 
 
 @contextmanager
 def hooks_removed():
     """Replace run_hook by the identity: the forward a model without any HookPoint would run."""
-    original = meshprobe.tl_compat.run_hook
+    original = meshprobe.tl.compat.run_hook
     for module in HOOKED_MODULES:
         module.run_hook = lambda hook, x: x
     try:

@@ -1,6 +1,5 @@
 """Where MeSH's training cost over the base model goes: base, MeSH, MeSH with its memory read replaced by a
-stand-in that keeps the routers, and MeSH with its read as PyTorch ops instead of the fused CPU kernels
-(`meshprobe/kernels.py`), timed in one process, step by step, in an order that reverses at every turn.
+stand-in that keeps the routers, timed in one process, step by step, in an order that reverses at every turn.
 
     OMP_NUM_THREADS=1 python benchmarks/mesh_cost.py                      # the bundled shape, 40 turns
     OMP_NUM_THREADS=1 python benchmarks/mesh_cost.py --d-model 256 --turns 20
@@ -8,9 +7,7 @@ stand-in that keeps the routers, and MeSH with its read as PyTorch ops instead o
 "MeSH, routers only" runs everything MeSH runs (router matmuls, softmax, hooks, the read coefficients) except the
 read itself (`MeshBuffer.write_read` returns h_m, tied to the coefficients by a function whose backward hands
 them zeros, so the routers' backward runs too). It is not a model, only a measurement: base -> routers only is
-the routers' cost, routers only -> MeSH the read's (forward and backward). "MeSH, PyTorch read" is the same
-model with the kernels off for its steps (what runs where numba is missing): PyTorch read -> MeSH is the kernels'
-gain. Ratios are medians of paired per-turn ratios of process CPU time
+the routers' cost, routers only -> MeSH the read's (forward and backward). Ratios are medians of paired per-turn ratios of process CPU time
 (throughput of the model / throughput of base), [interquartile range]; full training steps (forward, loss,
 backward, clipping, fused AdamW) on a fixed random batch, under the allocator settings `meshprobe train` uses.
 """
@@ -60,16 +57,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import meshprobe.mesh as M
-    from meshprobe import ModelConfig, build_model, kernels
+    from meshprobe import ModelConfig, build_model
     from meshprobe.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
     real_read = M.MeshBuffer.write_read
-    fused = kernels._kernels()  # the fused CPU read's kernels (False where they are off)
     steps = {}
-    for name, variant, read, use_kernels in [
-            ("base", "base", None, True), ("MeSH, routers only", "mesh", routers_only, True),
-            ("MeSH, PyTorch read", "mesh", real_read, False), ("MeSH", "mesh", real_read, True)]:
+    for name, variant, read in [
+            ("base", "base", None), ("MeSH, routers only", "mesh", routers_only), ("MeSH", "mesh", real_read)]:
         torch.manual_seed(0)
         cfg = ModelConfig(d_model=args.d_model, n_heads=args.heads, vocab_size=args.vocab, n_ctx=args.seq,
                           layout=args.layout, variant=variant)
@@ -77,13 +72,12 @@ def main(argv=None) -> int:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
         x = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
 
-        def step(model=model, opt=opt, x=x, read=read, use_kernels=use_kernels):
+        def step(model=model, opt=opt, x=x, read=read):
             M.MeshBuffer.write_read = read or real_read
-            kernels._compiled = fused if use_kernels else False
             try:
                 model(x, return_type="loss").backward()
             finally:
-                M.MeshBuffer.write_read, kernels._compiled = real_read, fused
+                M.MeshBuffer.write_read = real_read
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Measure a training recipe for a synthetic ground-truth task (meshprobe.tasks) on CPU.
+"""Measure a training recipe for a synthetic ground-truth task (meshprobe.data.tasks) on CPU.
 
 Trains small models with a plain AdamW loop -- the optimizer settings and schedule of `meshprobe train`'s
 defaults (betas 0.9/0.95, weight decay 0.01 on matrices, grad clip 1.0, 1% linear warm-up, cosine to
@@ -22,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from meshprobe import ModelConfig, build_model, tasks
+from meshprobe import ModelConfig, build_model
+from meshprobe.data import tasks
 
 
 def lr_at(step: int, total: int, lr: float, warmup_frac: float = 0.01, min_frac: float = 0.1) -> float:

@@ -1,4 +1,4 @@
-"""Time the token-information and loop-step probes (meshprobe.analysis.token_probes / loop_probes) on a checkpoint
+"""Time the token-information and loop-step probes (meshprobe.analysis.probes.tokens / loop_probes) on a checkpoint
 and print what they read.
 
     python benchmarks/token_probes.py                                  # checkpoints/loop3-base, 500 x 256 tokens
@@ -23,7 +23,7 @@ def tokens_for(ckpt: str, n: int, seq_len: int) -> torch.Tensor:
     if seq_len == 128:
         return torch.from_numpy(np.load("checkpoints/val_tokens.npy").astype(np.int64))[:n]
     from meshprobe import data as D
-    from meshprobe.analysis.run import default_data_spec
+    from meshprobe.analysis.pipeline.analyze import default_data_spec
     from meshprobe.analysis.stats import sample_disjoint_windows
     from meshprobe.checkpoint import read_checkpoint_config
     from meshprobe.data import load_tokenizer
@@ -44,8 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     from meshprobe import load_checkpoint
-    from meshprobe.analysis.loop_probes import LoopStepAccumulator
-    from meshprobe.analysis.token_probes import TokenProbePlan
+    from meshprobe.analysis.probes.loops import LoopStepAccumulator
+    from meshprobe.analysis.probes.tokens import TokenProbePlan
     from meshprobe.hooks import states as state_dict
 
     model = load_checkpoint(args.ckpt)

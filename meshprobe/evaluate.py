@@ -38,7 +38,7 @@ def unwrapped(model):
 
 def compute_loss(model, x, y):
     """Mean cross-entropy (fp32) of model(x) against targets y: next-token targets for text; for a task
-    (:mod:`meshprobe.tasks`) the targets sit at their own positions (no shift) and are -100 where undefined,
+    (:mod:`meshprobe.data.tasks`) the targets sit at their own positions (no shift) and are -100 where undefined,
     which cross_entropy ignores, so the mean is over the defined targets only. A meshprobe model (also inside
     DDP / torch.compile, called through the wrapper) computes it itself: `forward(x, "loss", targets=y)`,
     without building the logits unless autocast is on (:mod:`meshprobe.loss`)."""
@@ -85,14 +85,14 @@ def evaluate(model, tokens, batch_size: int, seq_len: int, max_batches: int, dev
 
 def evaluate_task(model, spec, n_sequences: int, device, precision: str = "auto", rank: int = 0,
                   world_size: int = 1, chunk: int | None = None, seed: int = 0) -> dict:
-    """Loss and task accuracy of `model` on the fixed evaluation set of a task (:func:`meshprobe.tasks.eval_set`,
+    """Loss and task accuracy of `model` on the fixed evaluation set of a task (:func:`meshprobe.data.tasks.eval_set`,
     `n_sequences` sequences from evaluation seed `seed`, the same symbols at every hop count).
 
     Returns ``{"val_loss", "task_acc", "task_acc_by_hops", "targets"}``: the loss (mean over defined targets)
     and accuracy (argmax over the first v logits) at the evaluated hop count ``spec.hops``, the accuracy at
     every trained hop count ({p: acc}), and the number of scored targets at ``spec.hops``. Under DDP every rank
     takes a share of the rows and the sums are all-reduced."""
-    from meshprobe import tasks
+    from meshprobe.data import tasks
 
     was_training = model.training
     model.eval()
@@ -184,7 +184,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
 def task_checkpoint_eval(path, meta: dict, data_spec, batches, batch_size, device: str, split: str) -> dict:
     """`meshprobe eval` of a task checkpoint: loss (over defined targets) and task accuracy at the evaluated hop
     count on ``batches * batch_size`` sequences of the fixed evaluation set (seed 0, as in training)."""
-    from meshprobe import tasks
+    from meshprobe.data import tasks
     from meshprobe.checkpoint import load_checkpoint
 
     spec = tasks.task_from_entry(meta["task"])

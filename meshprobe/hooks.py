@@ -1,7 +1,7 @@
 """Hook names: the one owner of the state names (h_emb, h^(0..K), h_out and their hooks), the hook-name table
 documented in the README, and helpers to stack per-iteration activations.
 
-The model (:meth:`MeshprobeModel.state_hook_names`) and the analyses (:func:`meshprobe.analysis.collect.state_spec`)
+The model (:meth:`MeshprobeModel.state_hook_names`) and the analyses (:func:`meshprobe.analysis.pipeline.collect.state_spec`)
 derive their names from the functions here.
 """
 from __future__ import annotations
@@ -137,6 +137,12 @@ def state_hook_names(cfg) -> list[str]:
     return names + ["coda.hook_out"]
 
 
-def states(cache: Mapping[str, torch.Tensor], n_loops: int) -> dict[str, torch.Tensor]:
-    """The paper's state sequence h_emb, h^(0), ..., h^(K), h_out from a cache of a recursive model."""
+def states(cache: Mapping[str, torch.Tensor], n_loops: int | None = None) -> dict[str, torch.Tensor]:
+    """The paper's state sequence h_emb, h^(0), ..., h^(K), h_out from a cache of a recursive model (K read
+    from the cache's ``loop.{t}.hook_state_out`` keys when not given); KeyError naming a missing hook."""
+    if n_loops is None:
+        n_loops = len(stack_iterations(cache, "hook_state_out"))
+    missing = [hook for _, hook in recursive_state_hooks(n_loops) if hook not in cache]
+    if missing:
+        raise KeyError(f"cache lacks {missing} (cache every state, e.g. run_with_cache without names_filter)")
     return {name: cache[hook] for name, hook in recursive_state_hooks(n_loops)}

@@ -11,10 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from meshprobe import kernels
-from meshprobe._tl import HookPoint
+from meshprobe.tl import HookPoint
 from meshprobe.config import ModelConfig
-from meshprobe.tl_compat import attached, run_hook
+from meshprobe.tl.compat import attached, run_hook
 
 
 class ChainedRead(torch.autograd.Function):
@@ -29,9 +28,6 @@ class ChainedRead(torch.autograd.Function):
     adds up (on CPU, MeSH's extra cost over the base model is this memory traffic). Reads stay pure functions:
     nothing outside the graph is kept, so retain_graph and partial torch.autograd.grad calls are exact.
     The gradient of each coefficient is a batched dot product (no product tensor). Differentiable once.
-    On CPU, forward and backward each run as one fused pass over the tokens where they apply
-    (:mod:`meshprobe.kernels`: same arithmetic, ~2x less time at the bundled shape); the PyTorch ops below
-    run everywhere else and are the reference the tests hold the kernels to.
     """
 
     @staticmethod
@@ -39,12 +35,9 @@ class ChainedRead(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.first_new, ctx.pending_shape = first_new, pending.shape
         ctx.save_for_backward(coef, *values)
-        if kernels.usable(values, coef):
-            out = kernels.read_forward(coef, values)
-        else:
-            out = values[0] * coef[0]
-            for i, value in enumerate(values[1:], start=1):
-                out.addcmul_(coef[i], value)
+        out = values[0] * coef[0]
+        for i, value in enumerate(values[1:], start=1):
+            out.addcmul_(coef[i], value)
         return out, coef.new_zeros(()).expand(pending.shape)
 
     @staticmethod
@@ -55,9 +48,7 @@ class ChainedRead(torch.autograd.Function):
         if fresh:
             pending = coef.new_empty(ctx.pending_shape)
         grad_coef = None
-        if grad is not None and kernels.usable(values, grad, coef, pending):
-            grad_coef = kernels.read_backward(grad, coef, values, pending, fresh)
-        elif grad is not None:
+        if grad is not None:
             for i in range(len(values)):
                 if fresh:
                     torch.mul(grad, coef[i], out=pending[i])

@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meshprobe._tl import HookedRootModule, HookPoint
+from meshprobe.tl import HookedRootModule, HookPoint
 from meshprobe.config import ModelConfig
-from meshprobe.decompose import LoopedActivationCache
+from meshprobe.tl.decompose import LoopedActivationCache
 from meshprobe.loss import linear_cross_entropy
 from meshprobe.mesh import MeshBuffer, MeshStep
-from meshprobe.tl_compat import (AttnHooks, HookedLayerNorm, LNHooks, MLPHooks, TLModelSurface, attached, layer_norm,
+from meshprobe.tl.compat import (AttnHooks, HookedLayerNorm, LNHooks, MLPHooks, TLModelSurface, attached, layer_norm,
                                  run_hook)
 
 

@@ -54,8 +54,6 @@ def resolve_device(spec: str, local_rank: int = 0):
             raise UserError(f"device {device} does not exist ({torch.cuda.device_count()} GPUs)")
     elif device.type != "cpu":
         raise UserError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
-    else:
-        tune_cpu_allocator()
     return device
 
 
@@ -73,8 +71,9 @@ def tune_cpu_allocator() -> bool:
     its trim threshold, so large tensors are page-faulted and zeroed by the kernel again at every step. With
     allocations up to 64 MiB served from the heap and up to 1 GiB of free heap kept, the training benchmark at
     the bundled shape goes from 12,474 to 712 page faults per step, and `meshprobe analyze` of a bundled model
-    (500 samples) from 115 s to 97 s of CPU time; the process keeps its peak memory. `resolve_device` calls this
-    for every CPU run (train, evaluate, analyze); the training benchmark calls it for all models alike.
+    (500 samples) from 115 s to 97 s of CPU time; the process keeps its peak memory. The command line
+    (:func:`meshprobe.cli.main`) calls this once per process; the library never does, so a notebook keeps glibc's
+    defaults unless it calls this itself. The training benchmark calls it for all models alike.
     Skipped when the user set any MALLOC_*_ variable (their choice wins) or MESHPROBE_MALLOC=default.
     """
     global _allocator_tuned

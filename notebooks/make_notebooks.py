@@ -30,9 +30,8 @@ NOTEBOOKS = {
                       'print(states.shape)'),
         new_markdown_cell("How far does each loop step move the state, and what does the model predict if we stop "
                           "early? (`model.readout(h, through_coda=True)` decodes any state through the coda.)"),
-        new_code_cell('from meshprobe.analysis.metrics import relative_update\n'
-                      'for t in range(model.cfg.n_loops):\n'
-                      '    r = relative_update(cache[f"loop.{t}.hook_core_out"][0], cache[f"loop.{t}.hook_state_in"][0])\n'
+        new_code_cell('for t in range(model.cfg.n_loops):\n'
+                      '    r = mp.metrics.relative_update(cache[f"loop.{t}.hook_core_out"][0], cache[f"loop.{t}.hook_state_in"][0])\n'
                       '    early = model.readout(cache[f"loop.{t}.hook_state_out"], through_coda=True)[0, -1].argmax()\n'
                       '    print(f"step {t}: relative update {r.item():.3f}, next token if we stopped here: "\n'
                       '          f"{tokenizer.decode([int(early)])!r}")'),
@@ -48,15 +47,14 @@ NOTEBOOKS = {
     "02_diagnose_one_model.ipynb": [
         new_markdown_cell("# 02 Diagnose one model (the paper's Fig 1)\n\nRelative update per block, RBF-CKA between "
                           "states and the singular-value spectra of the base recursive model, on the bundled validation "
-                          "sample. Each analysis is a plain function; `analyze_model` streams over samples."),
+                          "sample. Each analysis is a plain function (`mp.metrics`, `mp.probes`); `mp.analyze` runs them "
+                          "all, streaming over samples, and returns a dict with the figures one call away."),
         new_code_cell(SETUP),
-        new_code_cell('from meshprobe.analysis.run import analyze_model\nfrom meshprobe.analysis import plots\n'
-                      'tokens = torch.from_numpy(np.load(CKPT / "val_tokens.npy")[:60].astype("int64"))\n'
-                      'base = mp.load_checkpoint(CKPT / "loop3-base")\n'
-                      'm = analyze_model(base, tokens, probes=False, progress=False, name="base")\n'
+        new_code_cell('tokens = torch.from_numpy(np.load(CKPT / "val_tokens.npy")[:60].astype("int64"))\n'
+                      'm = mp.analyze(CKPT / "loop3-base", tokens, probes=False, progress=False, name="base")\n'
                       'for block, mean in zip(m["blocks"], m["update"]["mean"]):\n'
                       '    print(f"{block:10s} relative update {mean:.3f}")'),
-        new_code_cell('files = plots.plot_model(m, "nb_out/base")\n'
+        new_code_cell('files = m.plot("nb_out/base")\n'
                       'from IPython.display import Image\nImage(filename="nb_out/base/fig1.png")'),
         new_code_cell('print("consecutive-loop RBF CKA:", [round(m["cka"]["rbf"]["mean"][i][i + 1], 3) '
                       'for i in range(1, len(m["states"]) - 2)])\n'
@@ -68,7 +66,7 @@ NOTEBOOKS = {
                           "residual is a plain sum of layer outputs; between MeSH loop steps it is a router-weighted read "
                           "of memory slots, so on this model it refuses with a one-line message naming the replacement."),
         new_code_cell('from transformer_lens import patching\n'
-                      'from meshprobe.decompose import LoopedResidualError, decompose_looped, state_parts\n'
+                      'from meshprobe.tl.decompose import LoopedResidualError, decompose_looped, state_parts\n'
                       'torch.set_grad_enabled(False)  # analysis only\n'
                       'mesh = mp.load_checkpoint(CKPT / "loop3-mesh").eval()\n'
                       'clean = tokens[:1, :32]\n'
@@ -115,11 +113,11 @@ NOTEBOOKS = {
         new_markdown_cell("# 03 MeSH vs recursive (the paper's Fig 3-5, probes, router maps)\n\n"
                           "Four variants of the same 3-loop model on the same validation sample."),
         new_code_cell(SETUP),
-        new_code_cell('from meshprobe.analysis.run import analyze_model\nfrom meshprobe.analysis import plots\n'
+        new_code_cell('from meshprobe.analysis.plots import diagnostics as plots\n'
                       'tokens = torch.from_numpy(np.load(CKPT / "val_tokens.npy")[:40].astype("int64"))\n'
                       'names = ["base", "residual", "anchor", "mesh"]\n'
-                      'metrics = [analyze_model(mp.load_checkpoint(CKPT / f"loop3-{v}"), tokens, probes=(v in ("base", "mesh")),\n'
-                      '                         progress=False, name=v) for v in names]\n'
+                      'metrics = [mp.analyze(CKPT / f"loop3-{v}", tokens, probes=(v in ("base", "mesh")), progress=False,\n'
+                      '                      name=v) for v in names]\n'
                       'plots.plot_comparison(metrics, names, "nb_out/compare")\n'
                       'from IPython.display import Image\nImage(filename="nb_out/compare/fig3.png")'),
         new_code_cell('Image(filename="nb_out/compare/fig4.png")'),
@@ -129,16 +127,16 @@ NOTEBOOKS = {
         new_code_cell('mesh = metrics[-1]\nfor feature, offsets in mesh["probes"]["token"].items():\n'
                       '    print(f"{feature:8s}", {k: (round(v["accuracy"], 2), [round(c, 2) for c in v["ci"]]) '
                       'for k, v in offsets.items()})'),
-        new_code_cell('plots.plot_model(mesh, "nb_out/mesh")\nImage(filename="nb_out/mesh/router.png")'),
+        new_code_cell('mesh.plot("nb_out/mesh")\nImage(filename="nb_out/mesh/router.png")'),
     ],
     "04_train_your_own.ipynb": [
         new_markdown_cell("# 04 Train your own tiny model on CPU\n\nThe same code path as `meshprobe train`; here a "
                           "very small MeSH model for a few steps on the built-in Shakespeare corpus."),
-        new_code_cell('import torch\nimport meshprobe as mp\nfrom meshprobe.train import load_config, train\n'
+        new_code_cell('import torch\nimport meshprobe as mp\n'
                       'torch.set_num_threads(1)\n'
-                      'model_cfg, train_cfg = load_config("tiny", {"variant": "mesh", "d_model": 64, "vocab_size": 1024,\n'
+                      'model_cfg, train_cfg = mp.load_config("tiny", {"variant": "mesh", "d_model": 64, "vocab_size": 1024,\n'
                       '    "steps": 30, "batch_size": 8, "seq_len": 64, "eval_every": 15, "eval_batches": 4, "save_every": 0})\n'
-                      'summary = train(model_cfg, train_cfg, "nb_out/tiny-mesh", overwrite=True, quiet=True)\n'
+                      'summary = mp.train(model_cfg, train_cfg, "nb_out/tiny-mesh", overwrite=True, quiet=True)\n'
                       'print({k: summary[k] for k in ("status", "step", "val_loss", "val_ppl")})'),
         new_code_cell('model = mp.load_checkpoint("nb_out/tiny-mesh")\n'
                       'print(model.parameter_counts())\n'
@@ -152,7 +150,7 @@ NOTEBOOKS = {
                           "vanilla, base, +anchor, +mesh trained with `meshprobe zoo --spec zoo-tasks`) lets the probes "
                           "be checked against those latents. Small settings here (64 sequences, a fixed probe penalty); "
                           "`meshprobe figures` runs the full analysis."),
-        new_code_cell(SETUP + '\nfrom meshprobe import tasks\nfrom meshprobe.analysis import ground_truth as gt\n'
+        new_code_cell(SETUP + '\nfrom meshprobe.data import tasks\nfrom meshprobe.analysis import ground_truth as gt\n'
                       'TASKS = CKPT / "tasks"\n'
                       'import json\nmanifest = json.loads((TASKS / "zoo.json").read_text())\n'
                       'print([m["name"] for m in manifest["models"]])'),
@@ -188,11 +186,10 @@ NOTEBOOKS = {
                       '    print(name, {s: round(e, 2) for s, e in zip(p["sites"], p["effect"]) if "slot" not in s or "loop 1" in s})'),
         new_markdown_cell("Train your own on a task: `--data task:...` works wherever a corpus does "
                           "(here a d32 model for 20 steps)."),
-        new_code_cell('from meshprobe.train import load_config, train\n'
-                      'model_cfg, train_cfg = load_config("cpu-zoo", {"data": "task:phop:hops=2,symbols=8,seq_len=16,mix=1",\n'
+        new_code_cell('model_cfg, train_cfg = mp.load_config("cpu-zoo", {"data": "task:phop:hops=2,symbols=8,seq_len=16,mix=1",\n'
                       '    "vocab_size": 10, "n_ctx": 17, "d_model": 32, "n_heads": 2, "variant": "mesh", "steps": 20,\n'
                       '    "batch_size": 16, "eval_every": 10, "eval_batches": 2, "save_every": 0, "stop_acc": 0.99})\n'
-                      'summary = train(model_cfg, train_cfg, "nb_out/task-mesh", overwrite=True, quiet=True)\n'
+                      'summary = mp.train(model_cfg, train_cfg, "nb_out/task-mesh", overwrite=True, quiet=True)\n'
                       'print({k: summary[k] for k in ("status", "step", "val_loss", "task_acc")})'),
     ],
 }

@@ -34,6 +34,38 @@ def any_cfg(request):
     return request.param
 
 
+def random_model(cfg, seed=0):
+    """A model whose every parameter (biases, LayerNorms, routers included) is random, so no term hides."""
+    from meshprobe import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.ndim == 2 else 0.3))
+    return model
+
+
+def perturbed_model(cfg, seed=0):
+    """A model at its usual init with biases, LayerNorms and comb scalars moved off their init values (a zero
+    init would hide bias / LN-weight bugs), the rest as training starts."""
+    from meshprobe import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln" in name or "comb" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def random_tokens(cfg, batch=2, seq=None, seed=0):
+    """[batch, seq] token ids (seq defaults to the model context) from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, seq or cfg.n_ctx), generator=g)
+
+
 def shakespeare_text(n_plays: int, chars_each: int) -> str:
     """The first `chars_each` characters of the first `n_plays` texts of the built-in corpus, in its own order."""
     from meshprobe.data.sources import get_source

@@ -1,4 +1,4 @@
-"""`meshprobe analyze`: the streaming pipeline (meshprobe.analysis.run), figures, report and the CLI.
+"""`meshprobe analyze`: the streaming pipeline (meshprobe.analysis.pipeline.analyze), figures, report and the CLI.
 
 The math of the metrics and probes is tested in test_metrics.py / test_probes.py; here: wiring, output files,
 documented keys, value ranges, the lens sanity check, bad input, atomic output and constant memory.
@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from meshprobe import ModelConfig, build_model, load_checkpoint, save_checkpoint
-from meshprobe.analysis import collect, plots
+from meshprobe.analysis.pipeline import collect
+from meshprobe.analysis.plots import diagnostics as plots
 from meshprobe.analysis import metrics as M
-from meshprobe.analysis import run as R
-from meshprobe.analysis.loop_probes import LOOP_FEATURES
+from meshprobe.analysis.pipeline import analyze as R
+from meshprobe.analysis.pipeline import schema
+from meshprobe.analysis.probes.loops import LOOP_FEATURES
 from meshprobe.cli import main
 
 N_CTX, VOCAB, SEQ = 32, 300, 32
@@ -105,7 +107,7 @@ def test_metrics_keys_are_documented(cli_run):
 
 def test_metrics_values_in_range(cli_run):
     _, doc = cli_run
-    assert doc["format"] == R.FORMAT and [m["name"] for m in doc["models"]] == ["mesh", "base", "van"]
+    assert doc["format"] == schema.FORMAT and [m["name"] for m in doc["models"]] == ["mesh", "base", "van"]
     for m in doc["models"]:
         S = len(m["states"])
         assert m["data"]["n_samples"] == 12 and m["data"]["seq_len"] == SEQ

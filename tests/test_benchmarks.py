@@ -14,5 +14,5 @@ def test_mesh_cost_tiny():
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "model" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == ["base", "MeSH, routers only", "MeSH, PyTorch read", "MeSH"]
+    assert [r.split("|")[1].strip() for r in rows] == ["base", "MeSH, routers only", "MeSH"]
     assert rows[0].split("|")[3].strip().startswith("1.000")

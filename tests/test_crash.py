@@ -29,6 +29,7 @@ def setup(tmp_path_factory):
     return {"root": root, "preset": preset}
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_in_train_and_analyze(setup):
     root = setup["root"]
     runs = root / "runs"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from meshprobe.cli import main
-from meshprobe.figures import variant_summary
+from meshprobe.paper.figures import variant_summary
 
 CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
 
@@ -47,7 +47,7 @@ def test_variant_summary_keeps_two_models_of_one_variant_apart():
 
 def test_table3_pairs_rows_by_scratch_slots():
     """Our K = 3 against the paper's K = 2: our B = 6 (2 scratch slots) sits beside the paper's B = 5."""
-    from meshprobe.figures import PAPER_TABLE3, table3_markdown
+    from meshprobe.paper.figures import PAPER_TABLE3, table3_markdown
 
     rows = [{"group": g, "name": n, "variant": "mesh", "layout": "1+2R3+1", "mesh_slots": b, "seed": 0,
              "sample_loss": 5.0} for g, n, b in [("table3", "loop3-mesh-B4", 4), ("loop3", "loop3-mesh", 6)]]
@@ -57,7 +57,7 @@ def test_table3_pairs_rows_by_scratch_slots():
 
 
 def test_ablation_table_includes_the_main_family_rows():
-    from meshprobe.figures import ablation_markdown
+    from meshprobe.paper.figures import ablation_markdown
 
     rows = [{"group": g, "name": n, "variant": "mesh", "mesh_slots": b, "seed": 0, "sample_loss": x}
             for g, n, b, x in [("table3", "mesh-B3", 3, 5.1), ("loop3", "loop3-mesh", 6, 5.0), ("loop3", "loop3-mesh", 6, 5.2)]]
@@ -70,7 +70,8 @@ def test_ablation_table_includes_the_main_family_rows():
 @pytest.mark.parametrize("spec", ["zoo-cpu", "zoo-gpu", "zoo-gpu-d128"])
 def test_zoo_specs_are_valid(spec):
     """Every run of both zoo specs builds a valid (ModelConfig, TrainConfig) and the bundle names real runs."""
-    from meshprobe import build_model, zoo
+    from meshprobe import build_model
+    from meshprobe.paper import zoo
 
     s = zoo.load_zoo(spec)
     assert s.bundle_runs and len(s.runs) >= 10

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from meshprobe import ModelConfig, build_model, tasks
+from meshprobe import ModelConfig, build_model
+from meshprobe.data import tasks
 from meshprobe.analysis import ground_truth as gt
 
 SPEC = tasks.parse_task("task:phop:hops=2,symbols=8,seq_len=12,mix=1")

@@ -5,24 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_cfg
+from conftest import random_model, random_tokens, tiny_cfg
 
 from meshprobe import ModelConfig, UserError, build_model
-
-
-def randomized(cfg, seed=0):
-    """A model whose every parameter (biases, LayerNorms, routers included) is random, so no term hides."""
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5 if p.ndim == 2 else 0.3))
-    return model
-
-
-def tokens_for(cfg, batch=2, seq=None, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, cfg.vocab_size, (batch, seq or cfg.n_ctx), generator=g)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,8 +90,8 @@ def ref_forward(model, tokens):
 
 
 def test_forward_matches_hand_written_equations(any_cfg):
-    model = randomized(any_cfg)
-    tokens = tokens_for(any_cfg)
+    model = random_model(any_cfg)
+    tokens = random_tokens(any_cfg)
     with torch.no_grad():
         got, want = model(tokens), ref_forward(model, tokens)
     assert got.shape == (2, any_cfg.n_ctx, any_cfg.vocab_size)
@@ -115,8 +100,8 @@ def test_forward_matches_hand_written_equations(any_cfg):
 
 def test_explicit_attention_path_equals_fused(any_cfg):
     """Hooking the attention pattern switches to explicit attention; the logits must not change."""
-    model = randomized(any_cfg)
-    tokens = tokens_for(any_cfg)
+    model = random_model(any_cfg)
+    tokens = random_tokens(any_cfg)
     with torch.no_grad():
         fused = model(tokens)
         explicit = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: x)])
@@ -124,8 +109,8 @@ def test_explicit_attention_path_equals_fused(any_cfg):
 
 
 def test_causal(any_cfg):
-    model = randomized(any_cfg)
-    tokens = tokens_for(any_cfg, batch=1)
+    model = random_model(any_cfg)
+    tokens = random_tokens(any_cfg, batch=1)
     changed = tokens.clone()
     changed[0, 9:] = (changed[0, 9:] + 1) % any_cfg.vocab_size
     with torch.no_grad():
@@ -136,7 +121,7 @@ def test_causal(any_cfg):
 
 def test_loss_and_gradients_flow(any_cfg):
     model = build_model(any_cfg)
-    loss = model(tokens_for(any_cfg), return_type="loss")
+    loss = model(random_tokens(any_cfg), return_type="loss")
     assert abs(loss.item() - math.log(any_cfg.vocab_size)) < 1.0  # near-uniform at init
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
@@ -188,7 +173,7 @@ def test_mesh_default_slots_and_depth_aware_init():
 def test_router_zero_init_gives_uniform_routing():
     cfg = tiny_cfg(variant="mesh", router_init="zeros")
     model = build_model(cfg)
-    _, cache = model.run_with_cache(tokens_for(cfg), names_filter=lambda n: n.endswith("weights"))
+    _, cache = model.run_with_cache(random_tokens(cfg), names_filter=lambda n: n.endswith("weights"))
     for name, w in cache.items():
         torch.testing.assert_close(w, torch.full_like(w, 1 / cfg.mesh_slots))
 
@@ -221,7 +206,7 @@ def test_vanilla_layer_matches_hf_gpt_neox():
     """Our vanilla model is Pythia: copy weights into HF's GPTNeoXForCausalLM and compare logits."""
     transformers = pytest.importorskip("transformers")
     cfg = tiny_cfg(variant="vanilla", layout="3")
-    ours = randomized(cfg)
+    ours = random_model(cfg)
     hf_cfg = transformers.GPTNeoXConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=3, num_attention_heads=cfg.n_heads,
         intermediate_size=cfg.d_mlp, hidden_act="gelu", rotary_pct=cfg.rotary_pct, rotary_emb_base=cfg.rotary_base,
@@ -250,7 +235,7 @@ def test_vanilla_layer_matches_hf_gpt_neox():
         })
     missing, unexpected = hf.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=False)
     assert not unexpected and all("rotary" in k or "masked_bias" in k for k in missing), (missing, unexpected)
-    tokens = tokens_for(cfg)
+    tokens = random_tokens(cfg)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
@@ -272,8 +257,8 @@ def _loss_and_grads(model, tokens, fwd_hooks=()):
 
 @pytest.mark.parametrize("cfg", MESH_CFGS, ids=lambda c: c.layout)
 def test_mesh_fast_read_equals_materialized_buffer(cfg):
-    model = randomized(cfg).train()
-    tokens = tokens_for(cfg)
+    model = random_model(cfg).train()
+    tokens = random_tokens(cfg)
     seen = []
     identity = [(lambda n: n.endswith("mesh.hook_memory"), lambda x, hook: seen.append(x.shape) or x)]
     fast_logits, fast_grads = _loss_and_grads(model, tokens)
@@ -303,8 +288,8 @@ def test_mesh_chained_read_partial_and_repeated_backward():
     """The chained read is a pure function of the graph: a partial autograd.grad (w.r.t. intermediate states
     only) and a second backward on the same graph give the dense buffer's gradients."""
     cfg = tiny_cfg(variant="mesh")
-    model = randomized(cfg).train()
-    tokens = tokens_for(cfg)
+    model = random_model(cfg).train()
+    tokens = random_tokens(cfg)
     names = ["prelude.hook_out", "loop.0.hook_core_out", "loop.1.hook_state_in"]
     first, second = _grads_of_states(model, tokens, names, repeat=2)
     identity = [(lambda n: n.endswith("mesh.hook_memory"), lambda x, hook: x)]
@@ -319,8 +304,8 @@ def test_mesh_memory_hook_edits_flow_into_reads_and_later_writes():
     """An edit of entry.mesh.hook_memory is carried into later steps' buffers; an edit of the last step's
     buffer changes its read h^(K) exactly as sum_b r_b m_b of the edited slots."""
     cfg = tiny_cfg(variant="mesh")
-    model = randomized(cfg)
-    tokens = tokens_for(cfg)
+    model = random_model(cfg)
+    tokens = random_tokens(cfg)
     K = cfg.n_loops
     last = f"loop.{K - 1}.mesh"
 

@@ -16,6 +16,7 @@ def test_notebooks_are_stripped():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_notebook_runs(path, tmp_path):
     import nbformat
     from nbclient import NotebookClient

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from meshprobe import tasks
+from meshprobe.data import tasks
 from meshprobe.cli import main
 
 SPEC = "task:phop:hops=2,symbols=8,seq_len=12,mix=1"
@@ -55,7 +55,7 @@ def test_task_checkpoint_records_the_task_and_its_accuracy(trained):
 
 
 def test_external_check_protocol_matches_the_logged_accuracy(trained):
-    """What the issue's outside check does: load, prepend the prefix, argmax over the first v logits."""
+    """What an outside check does: load, prepend the prefix, argmax over the first v logits."""
     from meshprobe import load_checkpoint
 
     model = load_checkpoint(trained)
@@ -135,7 +135,8 @@ def test_data_show_and_eval_on_a_task(trained, capsys):
 
 
 def test_task_zoo_trains_collects_and_bundles(tmp_path):
-    from meshprobe import load_checkpoint, zoo
+    from meshprobe import load_checkpoint
+    from meshprobe.paper import zoo
 
     spec_file = tmp_path / "z.toml"
     spec_file.write_text(f'preset = "cpu-zoo"\n[overrides]\ndata = "{SPEC}"\nvocab_size = 10\nn_ctx = 13\n'
@@ -155,7 +156,7 @@ def test_task_zoo_trains_collects_and_bundles(tmp_path):
 
 
 def test_analyze_and_figures_on_task_checkpoints(tmp_path, trained, capsys):
-    from meshprobe import zoo
+    from meshprobe.paper import zoo
 
     out = tmp_path / "an"
     assert main(["analyze", str(trained), "--out", str(out), "--samples", "24"]) == 0

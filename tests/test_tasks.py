@@ -1,17 +1,17 @@
-"""Tests for meshprobe.tasks: generators against brute-force definitions, masking, latents, specs, scoring."""
+"""Tests for meshprobe.data.tasks: generators against brute-force definitions, masking, latents, specs, scoring."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from meshprobe import tasks
+from meshprobe.data import tasks
 from meshprobe.errors import UserError
 
 
-# ------------------------------------------------------------------- brute force, written as in the issue (1-based)
+# ------------------------------------------------------------ brute force, written as the definitions read (1-based)
 def brute_phop(x0: list[int], p: int) -> list[int | None]:
-    """hop_p(i) for i = 1..n from the issue's definition, literally, with 1-based positions."""
+    """hop_p(i) for i = 1..n from the definition, literally, with 1-based positions."""
     n = len(x0)
     x = [None] + list(x0)  # x[1..n]
 

@@ -5,30 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_VARIANTS, all_configs, tiny_cfg
+from conftest import ALL_VARIANTS, all_configs, perturbed_model, random_tokens, tiny_cfg
 from transformer_lens import patching
 
 from meshprobe import build_model, load_checkpoint
-from meshprobe.decompose import LoopedResidualError, decompose_looped, residual_breaks, state_parts
+from meshprobe.tl.decompose import LoopedResidualError, decompose_looped, residual_breaks, state_parts
 from meshprobe.model import apply_rotary
 
 CKPT = Path(__file__).parent.parent / "checkpoints"
 PER_HEAD = ["hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z"]
-
-
-def randomized(cfg, seed=0):
-    """A model whose biases and LayerNorms are random too (zero-init would hide bias / LN-weight bugs)."""
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln" in name or "comb" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def tokens_for(cfg, batch=2, seed=0):
-    return torch.randint(0, cfg.vocab_size, (batch, cfg.n_ctx), generator=torch.Generator().manual_seed(seed))
 
 
 def cached(model, tokens, **kwargs):
@@ -44,8 +29,8 @@ def final_resid(cache, cfg):
 @pytest.mark.parametrize("variant", ["base", "mesh"])
 def test_per_head_hooks_on_every_unrolled_layer(variant):
     cfg = tiny_cfg(variant=variant, layout="1+2R3+1")
-    model = randomized(cfg)
-    tokens = tokens_for(cfg)
+    model = perturbed_model(cfg)
+    tokens = random_tokens(cfg)
     b, s, h, dh = 2, cfg.n_ctx, cfg.n_heads, cfg.d_head
     _, cache = cached(model, tokens)
     assert "blocks.0.attn.hook_result" not in cache.keys()  # behind the switch, as in TransformerLens
@@ -82,8 +67,8 @@ def test_weight_views_are_the_tied_weights():
 
 def test_fast_path_when_idle_and_every_path_gives_the_same_logits(monkeypatch):
     cfg = tiny_cfg(variant="mesh", layout="1+2R3+1")
-    model = randomized(cfg)
-    tokens = tokens_for(cfg)
+    model = perturbed_model(cfg)
+    tokens = random_tokens(cfg)
     calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
@@ -104,8 +89,8 @@ def test_fast_path_when_idle_and_every_path_gives_the_same_logits(monkeypatch):
 @pytest.mark.parametrize("variant", ["residual", "mesh"])
 def test_head_results_sum_to_attn_out_minus_bias(variant):
     cfg = tiny_cfg(variant=variant, layout="1+2R3+1")
-    model = randomized(cfg)
-    tokens = tokens_for(cfg)
+    model = perturbed_model(cfg)
+    tokens = random_tokens(cfg)
     _, plain = cached(model, tokens)
     plain.compute_head_results()  # TL's own: hook_z @ blocks[u].attn.W_O
     model.set_use_attn_result(True)
@@ -118,8 +103,8 @@ def test_head_results_sum_to_attn_out_minus_bias(variant):
 
 def test_hook_z_inside_one_loop_step_changes_only_that_iteration():
     cfg = tiny_cfg(variant="mesh", layout="1+2R3+1")
-    model = randomized(cfg)
-    tokens = tokens_for(cfg)
+    model = perturbed_model(cfg)
+    tokens = random_tokens(cfg)
     _, clean = cached(model, tokens)
 
     def zero_head(z, hook):
@@ -142,8 +127,8 @@ def test_hook_z_inside_one_loop_step_changes_only_that_iteration():
 # --- the looped decomposition -----------------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", all_configs(), ids=lambda c: f"{c.layout}-{c.variant}")
 def test_decompose_looped_sums_back_at_every_layer(cfg):
-    model = randomized(cfg)
-    _, cache = cached(model, tokens_for(cfg))
+    model = perturbed_model(cfg)
+    _, cache = cached(model, random_tokens(cfg))
     for layer in range(cfg.n_layers + 1):
         want = cache[f"blocks.{layer}.hook_resid_pre"] if layer < cfg.n_layers else final_resid(cache, cfg)
         for heads in (False, True):
@@ -155,8 +140,8 @@ def test_decompose_looped_sums_back_at_every_layer(cfg):
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 def test_state_parts_sum_to_the_next_state(variant):
     cfg = tiny_cfg(variant=variant, layout="1+2R3+1")
-    model = randomized(cfg)
-    _, cache = cached(model, tokens_for(cfg))
+    model = perturbed_model(cfg)
+    _, cache = cached(model, random_tokens(cfg))
     expected = {"base": {"core_out"}, "residual": {"core_out", "carried"}, "anchor": {"core_out", "anchor"},
                 "mesh": {f"slot{b}" for b in range(cfg.mesh_slots or 0)}}
     for t in range(cfg.n_loops):
@@ -171,8 +156,8 @@ def test_state_parts_sum_to_the_next_state(variant):
 @pytest.mark.parametrize("variant", ["base", "vanilla"])
 def test_tl_decompositions_where_the_residual_is_a_plain_sum(variant):
     cfg = tiny_cfg(variant=variant, layout="1+2R3+1" if variant == "base" else "8")
-    model = randomized(cfg)
-    _, cache = cached(model, tokens_for(cfg))
+    model = perturbed_model(cfg)
+    _, cache = cached(model, random_tokens(cfg))
     assert residual_breaks(cfg) == []
     want = final_resid(cache, cfg)
     tl_stack, tl_labels = cache.decompose_resid(return_labels=True)
@@ -194,8 +179,8 @@ def test_tl_decompositions_where_the_residual_is_a_plain_sum(variant):
 @pytest.mark.parametrize("variant", ["residual", "anchor", "dynamic_comb", "mesh"])
 def test_tl_residual_sums_refuse_past_a_loop_mix(variant):
     cfg = tiny_cfg(variant=variant, layout="1+2R3+1")
-    model = randomized(cfg)
-    _, cache = cached(model, tokens_for(cfg))
+    model = perturbed_model(cfg)
+    _, cache = cached(model, random_tokens(cfg))
     first = residual_breaks(cfg)[0]
     for call in (cache.decompose_resid, cache.get_full_resid_decomposition, cache.stack_head_results):
         with pytest.raises(LoopedResidualError, match="decompose_looped") as info:
@@ -211,8 +196,8 @@ def test_tl_residual_sums_refuse_past_a_loop_mix(variant):
 @pytest.mark.parametrize("variant", ["base", "residual", "mesh", "static_comb"])
 def test_tl_logit_attrs_of_the_looped_decomposition_sum_to_the_logit(variant):
     cfg = tiny_cfg(variant=variant, layout="1+2R3+1")
-    model = randomized(cfg)
-    tokens = tokens_for(cfg)
+    model = perturbed_model(cfg)
+    tokens = random_tokens(cfg)
     logits, cache = cached(model, tokens)
     stack, _ = decompose_looped(cache, heads=True)
     answer = tokens.roll(-1, dims=1)  # [batch, pos]: the next token at every position
@@ -224,8 +209,8 @@ def test_tl_logit_attrs_of_the_looped_decomposition_sum_to_the_logit(variant):
 # --- transformer_lens.patching ----------------------------------------------------------------------------
 def test_tl_head_and_resid_patching_agree_with_manual_patches():
     cfg = tiny_cfg(variant="mesh", layout="1+2R2+1", n_ctx=6)
-    model = randomized(cfg)
-    clean_tokens, corrupted = tokens_for(cfg, seed=1), tokens_for(cfg, seed=2)
+    model = perturbed_model(cfg)
+    clean_tokens, corrupted = random_tokens(cfg, seed=1), random_tokens(cfg, seed=2)
     _, clean = cached(model, clean_tokens)
 
     def metric(logits):
@@ -256,9 +241,9 @@ def test_tl_head_and_resid_patching_agree_with_manual_patches():
     assert not torch.allclose(heads[2], heads[4])  # the two iterations of the same core layer differ
 
 
-# --- the bundled checkpoints: every call from issue 12's table ----------------------------------------------
+# --- the bundled checkpoints: every call of the TransformerLens tool table ----------------------------------------------
 @pytest.mark.parametrize("name", ["loop3-base", "loop3-residual", "loop3-anchor", "loop3-mesh", "loop3-vanilla"])
-def test_issue_table_on_bundled_checkpoints(name):
+def test_tool_table_on_bundled_checkpoints(name):
     model = load_checkpoint(CKPT / name).eval()
     cfg = model.cfg
     tokens = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -270,7 +255,7 @@ def test_issue_table_on_bundled_checkpoints(name):
         if plain:
             assert call().shape[-1] == cfg.d_model
         else:
-            with pytest.raises(LoopedResidualError, match=r"meshprobe\.decompose\.decompose_looped"):
+            with pytest.raises(LoopedResidualError, match=r"meshprobe\.tl\.decompose\.decompose_looped"):
                 call()
     stack, labels = decompose_looped(cache, heads=True)
     torch.testing.assert_close(stack.sum(0), final_resid(cache, cfg), rtol=1e-4, atol=1e-4)

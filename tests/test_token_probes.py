@@ -1,5 +1,5 @@
 """Tests for the token-information probes, the loop-step probe and their statistics helpers
-(meshprobe.analysis.token_probes / loop_probes / softmax / retrieval / stats)."""
+(meshprobe.analysis.probes.tokens / loop_probes / softmax / retrieval / stats)."""
 import math
 
 import numpy as np
@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from meshprobe.analysis import token_probe
-from meshprobe.analysis.loop_probes import LOOP_FEATURES, loop_step_probe
-from meshprobe.analysis.retrieval import RidgeStats, retrieval_ranks
-from meshprobe.analysis.softmax import fit_softmax, fit_softmax_cv, fit_softmax_many
+from meshprobe.analysis.probes.loops import LOOP_FEATURES, loop_step_probe
+from meshprobe.analysis.probes.retrieval import RidgeStats, retrieval_ranks
+from meshprobe.analysis.probes.softmax import fit_softmax, fit_softmax_cv, fit_softmax_many
 from meshprobe.analysis.stats import (bootstrap_ratio_ci, is_test_sequence, sample_disjoint_windows,
                                       shared_ngram_fraction, shares_ngram)
-from meshprobe.analysis.token_probes import TokenProbePlan, token_probe_increment
+from meshprobe.analysis.probes.tokens import TokenProbePlan, token_probe_increment
 
 
 def _zipf_tokens(g, N, S, V, a=1.0):
@@ -21,7 +21,7 @@ def _zipf_tokens(g, N, S, V, a=1.0):
 
 
 def _synthetic(seed, N=300, S=64, V=300, d=96):
-    """The issue's check: h = E1[x_i] + E2[x_{i-1}] + 0.5 E3[x_{i-4}] + 0.3 noise, Zipf tokens."""
+    """The synthetic check of the probing notes: h = E1[x_i] + E2[x_{i-1}] + 0.5 E3[x_{i-4}] + 0.3 noise, Zipf tokens."""
     g = torch.Generator().manual_seed(seed)
     tok = _zipf_tokens(g, N, S, V)
     E1, E2, E3 = (torch.randn(V, d, generator=g) for _ in range(3))
@@ -34,7 +34,7 @@ def _synthetic(seed, N=300, S=64, V=300, d=96):
 
 # ------------------------------------------------------------------------------------------- the external check
 @pytest.mark.parametrize("seed", [0, 1])
-def test_synthetic_check_from_the_issue(seed):
+def test_synthetic_check(seed):
     h, tok, E1 = _synthetic(seed)
     for k in (0, -1, -4, -2, -3, 1):
         r = token_probe(h, tok, k, max_classes=32, seed=seed)

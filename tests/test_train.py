@@ -121,7 +121,7 @@ def test_eval_cli_bad_checkpoint(tmp_path, capsys):
 
 # --------------------------------------------------------------------------------------------- exact resume
 def test_ctrl_c_saves_and_resume_is_exact(env, trained, monkeypatch, capsys):
-    import meshprobe.train.loop as train_mod
+    import meshprobe.training.loop as train_mod
 
     out = env["root"] / "interrupted"
 
@@ -173,7 +173,7 @@ def test_resume_with_other_model_config_is_refused(env, trained, capsys):
 
 # --------------------------------------------------------------------------------------------- NaN
 def test_nan_loss_stops_and_keeps_last_checkpoint(env, monkeypatch, capsys):
-    import meshprobe.train.loop as train_mod
+    import meshprobe.training.loop as train_mod
 
     real = train_mod.compute_loss
     calls = {"n": 0}
@@ -279,6 +279,7 @@ def test_console_entry_point_bad_input(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(env, tmp_path):
     """torchrun with 2 gloo processes logs the same losses as 1 process with the same global batch."""
     extra = ["--variant", "mesh", "--steps", "4", "--eval-every", "2"]
@@ -310,7 +311,7 @@ def test_ddp_two_processes_match_one_process(env, tmp_path):
 
 # --------------------------------------------------------------------------------------------- config parsing
 def test_parse_overrides_types():
-    from meshprobe.train import parse_overrides
+    from meshprobe.training import parse_overrides
 
     got = parse_overrides(["--variant", "mesh", "--lr=1e-3", "--compile", "--mesh-slots", "none", "--betas",
                            "0.9,0.99", "--data", "a.txt", "b.txt", "--tokens", "1e6", "--scale-embeddings", "false",
@@ -320,7 +321,7 @@ def test_parse_overrides_types():
 
 
 def test_load_config_steps_tokens_and_presets():
-    from meshprobe.train import list_presets, load_config
+    from meshprobe.training import list_presets, load_config
 
     model, train = load_config("tiny", ["--tokens", "65536"])
     assert train.steps is None and train.total_steps == math.ceil(65536 / (train.batch_size * train.seq_len))
@@ -338,7 +339,7 @@ def test_load_config_steps_tokens_and_presets():
 
 
 def test_lr_schedule():
-    from meshprobe.train import lr_at
+    from meshprobe.training import lr_at
 
     total, peak = 1000, 1e-3
     lrs = [lr_at(s, total, peak, 0.01, 0.1) for s in range(total)]
@@ -351,7 +352,7 @@ def test_weight_decay_groups():
     from conftest import tiny_cfg
 
     from meshprobe import build_model
-    from meshprobe.train import param_groups
+    from meshprobe.training import param_groups
 
     model = build_model(tiny_cfg(variant="mesh"))
     names, groups = param_groups(model, 0.01)

@@ -1,9 +1,10 @@
 """Analyses of recursive / MeSH models: `metrics` (paper §2 diagnostics as tensor functions, streaming stats)
-and the probes (`token_probes`, `loop_probes`, wired together in `probe_suite`). Submodules are imported explicitly; nothing heavy is imported here."""
+and the probes (`probes/`), the pipeline that runs them over a model (`pipeline/`), figures (`plots/`) and
+report.md (`report`). Submodules are imported explicitly; nothing heavy is imported here."""
 
 
-def __getattr__(name):  # lazy public API (issue 9), so that importing the package does not import torch
+def __getattr__(name):  # lazy public API, so that importing the package does not import torch
     if name == "token_probe":
-        from meshprobe.analysis.token_probes import token_probe
+        from meshprobe.analysis.probes.tokens import token_probe
         return token_probe
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

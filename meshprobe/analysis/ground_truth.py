@@ -1,6 +1,6 @@
-"""Analyses with ground truth: a model trained on a synthetic task (:mod:`meshprobe.tasks`), whose per-hop latents
+"""Analyses with ground truth: a model trained on a synthetic task (:mod:`meshprobe.data.tasks`), whose per-hop latents
 are known, read against those latents. Plain functions on tensors (``task_states`` and the two model-running
-functions take the model); plotting is in :mod:`meshprobe.analysis.task_plots`.
+functions take the model); plotting is in :mod:`meshprobe.analysis.plots.tasks`.
 
     spec = tasks.task_from_entry(model.checkpoint_config["metadata"]["task"])
     result = analyze_task(model, spec, n_sequences=256)     # everything below, JSON-ready
@@ -17,7 +17,7 @@ functions take the model); plotting is in :mod:`meshprobe.analysis.task_plots`.
   difference is measured (a causal test beside the correlational probes).
 
 Probe (:func:`probe_labels`), chosen here: a multinomial logistic probe (softmax + L2 on z-scored features,
-:func:`meshprobe.analysis.softmax.fit_softmax_cv`, L2 by 2-fold cross-validation over training sequences) on
+:func:`meshprobe.analysis.probes.softmax.fit_softmax_cv`, L2 by 2-fold cross-validation over training sequences) on
 every position where the label is defined; train / test split by sequence (30% of the sequences held out, by a
 seeded hash); at most ``max_train_rows`` training rows (a seeded hash sample). Reported: held-out accuracy with
 a 95% bootstrap CI over test sequences, and ``chance`` = the share of the most frequent training label among the
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meshprobe import tasks
-from meshprobe.analysis.softmax import fit_softmax_cv
+from meshprobe.data import tasks
+from meshprobe.analysis.probes.softmax import fit_softmax_cv
 from meshprobe.analysis.stats import bootstrap_ratio_ci, is_test_sequence, sequence_sums, unit_hash
 from meshprobe.hooks import state_hooks
 

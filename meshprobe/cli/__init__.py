@@ -5,11 +5,16 @@ Each subcommand lives in its own module of this package (``meshprobe.cli.train``
 library functions it calls. Those are imported inside ``run``, so ``meshprobe --help`` imports no torch.
 A module that sets ``OVERRIDES = True`` receives unknown ``--key value`` arguments as ``args.overrides``
 (``meshprobe train``'s config overrides); every other subcommand rejects them.
+
+Library errors name Python parameters (``samples=5 but ...``); :func:`main` prints them with the subcommand's
+flag instead (``--samples 5 but ...``), for the parameters that are flags of that subcommand. Process-wide
+settings (the CPU allocator) are made here, never by the library.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # (subcommand, module, one-line help)
@@ -33,12 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run, _overrides=getattr(module, "OVERRIDES", False))
+        p.set_defaults(_run=module.run, _overrides=getattr(module, "OVERRIDES", False), _parser=p)
     return parser
+
+
+def as_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """``name=value`` of a library error -> ``--name value`` where ``--name`` is a flag of ``parser``."""
+    if parser is None:
+        return message
+    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    return re.sub(r"(?<![\w-])([a-z][a-z_]*)=", lambda m: f"{flags[m.group(1)]} " if m.group(1) in flags
+                  else m.group(0), message)
 
 
 def main(argv: list[str] | None = None) -> int:
     from meshprobe.errors import UserError
+    from meshprobe.runtime import tune_cpu_allocator
 
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -48,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
+    tune_cpu_allocator()  # glibc keeps freed tensor memory: no page faults per training step (CPU runs)
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"meshprobe {args.command}: error: {exc}", file=sys.stderr)
+        message = as_flags(str(exc), getattr(args, "_parser", None))
+        print(f"meshprobe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"meshprobe {args.command}: interrupted", file=sys.stderr)

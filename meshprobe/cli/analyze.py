@@ -4,7 +4,7 @@
     meshprobe analyze ckpt/base ckpt/anchor ckpt/mesh --out figures/cmp --names base,anchor,mesh --samples 500
 
 Output in DIR: ``metrics.json`` (every number behind every figure; keys documented in
-``meshprobe.analysis.schema.METRICS_KEYS``), ``report.md``, and PNG + PDF figures. One checkpoint: ``fig1``
+``meshprobe.analysis.pipeline.schema.METRICS_KEYS``), ``report.md``, and PNG + PDF figures. One checkpoint: ``fig1``
 (paper Fig 1: update bars, RBF-CKA heatmap, spectra), ``cka_linear``, ``lens``, ``probes`` (unless
 --no-probes: token / retrieval probes at offsets --offsets, increment over h_emb, loop-step probe, random-init
 baseline unless --no-baseline), ``router`` (MeSH only). Several checkpoints: ``fig3`` / ``fig4`` / ``fig5`` /
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from meshprobe.errors import UserError
 
-DEFAULT_SAMPLES = 500  # = meshprobe.analysis.run.DEFAULT_SAMPLES (not imported: --help stays torch-free)
+DEFAULT_SAMPLES = 500  # = meshprobe.analysis.pipeline.analyze.DEFAULT_SAMPLES (not imported: --help stays torch-free)
 DEFAULT_SEQ_LEN = 256
 
 
@@ -100,7 +100,7 @@ def _validate(args) -> None:
 
 def _is_task_run(args) -> bool:
     from meshprobe.checkpoint import read_checkpoint_config
-    from meshprobe.tasks import is_task_spec
+    from meshprobe.data.tasks import is_task_spec
 
     if args.data and any(is_task_spec(d) for d in args.data):
         if len(args.data) != 1:
@@ -110,7 +110,7 @@ def _is_task_run(args) -> bool:
 
 
 def _run_task(args) -> int:
-    from meshprobe.task_figures import analyze_task_checkpoints
+    from meshprobe.paper.task_figures import analyze_task_checkpoints
 
     names = args.names.split(",") if args.names else None
     moved = analyze_task_checkpoints(args.checkpoints, args.out, names=names, n_sequences=args.samples or 256,
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     if _is_task_run(args):
         return _run_task(args)
-    from meshprobe.analysis.run import analyze_checkpoints
+    from meshprobe.analysis.pipeline.checkpoints import analyze_checkpoints
 
     def done(res: dict) -> None:
         print(f"meshprobe analyze: {res['name']}: {res['data']['n_samples']} samples x {res['data']['seq_len']} "

@@ -73,7 +73,8 @@ def _pack(args) -> int:
 
 
 def _show(args) -> int:
-    from meshprobe import data, tasks
+    from meshprobe.data import tasks
+    from meshprobe import data
 
     if any(tasks.is_task_spec(d) for d in args.data):
         if len(args.data) != 1:

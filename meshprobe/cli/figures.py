@@ -21,16 +21,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.samples is not None and args.samples < 2:
         raise UserError(f"--samples must be at least 2, got {args.samples}")
-    from meshprobe.figures import regenerate
-
     from pathlib import Path
 
-    files = [] if args.tasks_only else regenerate(args.checkpoints, args.out, samples=args.samples,
-                                                  probes=not args.no_probes, progress=not args.no_progress)
-    tasks_dir = Path(args.tasks or Path(args.checkpoints) / "tasks")
-    if args.tasks or args.tasks_only or (tasks_dir / "zoo.json").is_file():
-        from meshprobe.task_figures import regenerate_tasks
+    from meshprobe.paper.figures import regenerate
+    from meshprobe.runtime import torch_threads
 
-        files += regenerate_tasks(tasks_dir, Path(args.out) / "tasks", n_sequences=args.samples or 256)
+    # One torch thread: float reductions then run in one order, so the files are byte-identical on any machine.
+    with torch_threads(1):
+        files = [] if args.tasks_only else regenerate(args.checkpoints, args.out, samples=args.samples,
+                                                      probes=not args.no_probes, progress=not args.no_progress)
+        tasks_dir = Path(args.tasks or Path(args.checkpoints) / "tasks")
+        if args.tasks or args.tasks_only or (tasks_dir / "zoo.json").is_file():
+            from meshprobe.paper.task_figures import regenerate_tasks
+
+            files += regenerate_tasks(tasks_dir, Path(args.out) / "tasks", n_sequences=args.samples or 256)
     print(f"meshprobe figures: wrote {len(files)} files to {args.out}")
     return 0

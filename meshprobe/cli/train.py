@@ -21,7 +21,7 @@ def _epilog() -> str:
     import textwrap
 
     from meshprobe.config import ModelConfig
-    from meshprobe.train import TrainConfig, list_presets
+    from meshprobe.training import TrainConfig, list_presets
 
     def keys(cls, label):
         names = " ".join(f.name for f in dataclasses.fields(cls))
@@ -59,7 +59,7 @@ def build_configs(args: argparse.Namespace):
 
     from meshprobe.checkpoint import read_checkpoint_config, resolve_checkpoint
     from meshprobe.errors import UserError
-    from meshprobe.train import load_config, parse_overrides
+    from meshprobe.training import load_config, parse_overrides
 
     overrides = parse_overrides(args.overrides)  # unknown keys fail here, before anything else
     if args.config is None:
@@ -82,7 +82,7 @@ def build_configs(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from meshprobe.errors import UserError
     from meshprobe.runtime import dist_env, dist_env_ok
-    from meshprobe.train import TrainingDiverged, train
+    from meshprobe.training import TrainingDiverged, train
 
     rank = dist_env()[0] if dist_env_ok() else 0
     try:

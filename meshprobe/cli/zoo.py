@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from meshprobe import zoo
+    from meshprobe.paper import zoo
 
     spec = zoo.load_zoo(args.spec)
     if args.list:

@@ -140,7 +140,7 @@ def plot_training_curves(logs: dict[str, list[dict]], out_dir: Path, final: dict
     The in-log curves compare across runs only when every run evaluated the same windows (`comparable`); the
     title says which. `final` (model -> loss on the shared validation sample, the Table 1 number) is drawn as a
     star at the last step, so panel (b) always carries the comparable number too."""
-    from meshprobe.analysis.plots import plt, save_figure, style
+    from meshprobe.analysis.plots.diagnostics import plt, save_figure, style
 
     final = final or {}
     with style():
@@ -164,7 +164,7 @@ def plot_training_curves(logs: dict[str, list[dict]], out_dir: Path, final: dict
 
 
 def plot_table1(summary: list[dict], out_dir: Path) -> list[Path]:
-    from meshprobe.analysis.plots import plt, save_figure, style
+    from meshprobe.analysis.plots.diagnostics import plt, save_figure, style
 
     with style():
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
@@ -229,8 +229,9 @@ def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.Pat
     import torch
 
     from meshprobe._io import read_jsonl
-    from meshprobe.analysis import plots
-    from meshprobe.analysis.run import analyze_model, write_outputs
+    from meshprobe.analysis.plots import diagnostics as plots
+    from meshprobe.analysis.pipeline.analyze import analyze_model
+    from meshprobe.analysis.pipeline.checkpoints import write_outputs
     from meshprobe.checkpoint import load_checkpoint
 
     root, out = Path(checkpoints), Path(out)
@@ -241,7 +242,7 @@ def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.Pat
     metrics = []
     for name in names:
         model = load_checkpoint(root / name)
-        metrics.append(analyze_model(model, tokens, probes=probes, progress=progress, name=variants[name],
+        metrics.append(analyze_model(model, tokens, probes=probes, progress=progress, name=variants[name], threads=1,
                                      checkpoint=str(root / name), source=f"{root / 'val_tokens.npy'}"))
     by_variant = {m["name"]: m for m in metrics}
     tables, summary = tables_markdown(results, root)

@@ -3,7 +3,7 @@
 No tokenizer: token id = symbol id (0 .. v-1); any prefix tokens come after the symbols (v, v+1, ...), so the
 model's logit j scores symbol j for j < v. Every generator is a pure function of its seed.
 
-Tasks (positions are 0-based here; the issue writes them 1-based, which changes nothing below):
+Tasks (positions are 0-based here; the definitions are usually written 1-based, which changes nothing below):
 
 ``phop``    p-hop induction (Sanford et al. 2024; Saunshi et al. 2025). x_0 .. x_{n-1} i.i.d. uniform in 0..v-1;
             prev(i) = max{j < i : x_j = x_i} (undefined if none); step(i) = prev(i) + 1; hop_t(i) = x_{step^t(i)}.

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from meshprobe.analysis.plots import plt, save_figure, sns, style
+from meshprobe.analysis.plots.diagnostics import plt, save_figure, sns, style
 
 __all__ = ["plot_probes", "plot_probe_comparison"]
 

@@ -10,11 +10,11 @@ crash never leaves a half-written file; figures are closed after saving. Layouts
   heatmap between states; (c) top-50 normalized singular values per state, log y, mean +- std bands.
 * ``cka_linear``: the linear-CKA heatmap. ``lens``: next-token loss of every state decoded directly and
   through the coda, with the model's loss. ``probes``: the token / retrieval / increment / loop-step probes
-  (:mod:`meshprobe.analysis.probe_plots`). ``router`` (MeSH): mean write / read weight per step and
+  (:mod:`meshprobe.analysis.plots.probes`). ``router`` (MeSH): mean write / read weight per step and
   slot, router entropy per step, slot norms.
 * ``fig3`` / ``fig4`` / ``fig5`` (several models; paper Fig 3-5): relative update, RBF CKA and spectra side by
   side. ``lens`` (several models): lens losses per model. ``probes`` / ``loop_step`` (several models with
-  probes): :func:`meshprobe.analysis.probe_plots.plot_probe_comparison`.
+  probes): :func:`meshprobe.analysis.plots.probes.plot_probe_comparison`.
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def plot_model(m: dict, out_dir: str | os.PathLike) -> list[Path]:
         out += save_figure(fig, out_dir, "lens")
 
         if m.get("probes"):
-            from meshprobe.analysis.probe_plots import plot_probes
+            from meshprobe.analysis.plots.probes import plot_probes
 
             out += plot_probes(m, out_dir)
         if m.get("router"):
@@ -281,7 +281,7 @@ def plot_comparison(models: Sequence[dict], names: Sequence[str] | None, out_dir
         fig.suptitle("lens: next-token loss of intermediate states")
         fig.tight_layout()
         out += save_figure(fig, out_dir, "lens")
-    from meshprobe.analysis.probe_plots import plot_probe_comparison
+    from meshprobe.analysis.plots.probes import plot_probe_comparison
 
     out += plot_probe_comparison(models, names, out_dir)
     return out

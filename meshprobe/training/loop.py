@@ -1,6 +1,6 @@
 """The training loop: setup, step, log, save. Vanilla, recursive and MeSH models, exact resume, multi-GPU (DDP).
 
-    from meshprobe.train import load_config, train
+    from meshprobe.training import load_config, train
     model_cfg, train_cfg = load_config("tiny", ["--variant", "mesh", "--steps", "200"])
     summary = train(model_cfg, train_cfg, "checkpoints/tiny-mesh")
 
@@ -11,14 +11,14 @@ Choices the paper leaves open:
   ``static_comb`` scalars are not decayed (:func:`param_groups`).
 * Loss: mean next-token cross-entropy over all ``batch_size * seq_len`` predictions of the step, in fp32 from
   the logits (:func:`meshprobe.evaluate.compute_loss`). Task data (``--data task:...``): masked targets, no
-  shift, task accuracy in the eval records, ``stop_acc`` -- see :mod:`meshprobe.train.taskdata`.
+  shift, task accuracy in the eval records, ``stop_acc`` -- see :mod:`meshprobe.training.taskdata`.
 * Data: the global batch at step ``s`` is a pure function of ``(seed, s)`` (:func:`meshprobe.data.get_batch`),
   so a checkpoint's data position is just its step, and W processes (rank r takes rows ``[r*B/W, (r+1)*B/W)``)
   see exactly the batch one process would. The tokenizer is a byte-level BPE trained on the corpus' train
   split (cached by corpus fingerprint), or the train config's ``tokenizer`` (a tokenizer.json or a checkpoint
   directory) so that a family of models shares one. It is saved into every checkpoint and reused on resume.
 
-Output directory = checkpoint (:mod:`meshprobe.checkpoint` + :mod:`meshprobe.train.state`), written
+Output directory = checkpoint (:mod:`meshprobe.checkpoint` + :mod:`meshprobe.training.state`), written
 atomically (safe against SIGKILL at any instant; a resume reads the newest complete save) at step 0, every ``save_every`` steps, on Ctrl-C and at the end. ``config.json`` metadata: the
 train config, step, total_steps, tokens_seen, wall_time_s, train_loss, val_loss, val_ppl, device, world_size,
 data (spec, fingerprint, token counts), status, complete, meshprobe / torch versions. While training, rank 0
@@ -67,8 +67,8 @@ from meshprobe.model import build_model
 from meshprobe.runtime import (StopRequest, all_reduce_, autocast_for, barrier, device_name, dist_env,
                                dist_initialized, is_terminal, process_group, resolve_device, resolved_precision,
                                say)
-from meshprobe.train import state as S, taskdata
-from meshprobe.train.config import TrainConfig, lr_at
+from meshprobe.training import state as S, taskdata
+from meshprobe.training.config import TrainConfig, lr_at
 
 # Test hook (monkeypatched by tests): called after every optimizer step with the number of completed steps.
 _step_hook = None
@@ -157,7 +157,7 @@ class Run:
     train_tokens: object = None
     val_tokens: object = None
     data_meta: dict = field(default_factory=dict)
-    task: object = None  # a meshprobe.tasks.TaskSpec when training on a task (then no corpus / tokenizer)
+    task: object = None  # a meshprobe.data.tasks.TaskSpec when training on a task (then no corpus / tokenizer)
     model: torch.nn.Module | None = None
     fwd_model: torch.nn.Module | None = None
     ddp: object = None

@@ -1,7 +1,7 @@
 """The streaming analysis of one model: :class:`Analyzer` folds batches of cached states into fixed-size
 accumulators (the paper's diagnostics, the lens, the probes, the MeSH routers) and turns them into the
 per-model metrics dict. What is computed, and every choice the paper leaves open, is in the docstring of
-:mod:`meshprobe.analysis.run`.
+:mod:`meshprobe.analysis.pipeline.analyze`.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from meshprobe.analysis import metrics as M
-from meshprobe.analysis.collect import StateSpec, state_spec
-from meshprobe.analysis.probe_suite import ProbeSuite
-from meshprobe.analysis.schema import to_jsonable
+from meshprobe.analysis.pipeline.collect import StateSpec, state_spec
+from meshprobe.analysis.probes.suite import ProbeSuite
+from meshprobe.analysis.pipeline.schema import to_jsonable
 from meshprobe.errors import UserError
 from meshprobe.evaluate import token_loss
 from meshprobe.runtime import torch_threads
@@ -65,8 +65,8 @@ def _ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Analyzer:
     """Fixed-size accumulators for one model; feed it batches with :meth:`update`, then call :meth:`result`.
 
-    ``probe_suite``: the probes (:class:`~meshprobe.analysis.probe_suite.ProbeSuite`, built from the whole
-    token sample by :func:`~meshprobe.analysis.run.analyze_model`; ``None`` = no probes). Batches may come in
+    ``probe_suite``: the probes (:class:`~meshprobe.analysis.probes.suite.ProbeSuite`, built from the whole
+    token sample by :func:`~meshprobe.analysis.pipeline.analyze.analyze_model`; ``None`` = no probes). Batches may come in
     any order.
     """
 

@@ -4,7 +4,7 @@
 
 Presets are package data (``meshprobe/configs/presets/*.toml``, so ``--config tiny`` works from an installed
 wheel): a ``[model]`` table (ModelConfig fields), a ``[train]`` table (TrainConfig fields) and an optional
-top-level ``description``. Zoo specs live apart, in ``meshprobe/configs/zoo/`` (:mod:`meshprobe.zoo`).
+top-level ``description``. Zoo specs live apart, in ``meshprobe/configs/zoo/`` (:mod:`meshprobe.paper.zoo`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from meshprobe.config import ModelConfig
 from meshprobe.errors import UserError
-from meshprobe.train.config import TrainConfig
+from meshprobe.training.config import TrainConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
 

@@ -9,13 +9,13 @@ Two probes per (state, offset ``k``), both trained and tested on disjoint *seque
    rarest class's training rows)`` and the same number of test rows ``m_test`` (likewise), so chance is exactly
    ``1 / C``. Which rows: per class the ones with the smallest seeded hash of (sequence, position) -- a
    deterministic, order-independent uniform sample. Softmax cross-entropy + L2 on z-scored features, L2 chosen
-   by cross-validation over training sequences (:mod:`meshprobe.analysis.softmax`). Reported: held-out accuracy
+   by cross-validation over training sequences (:mod:`meshprobe.analysis.probes.softmax`). Reported: held-out accuracy
    with a 95% bootstrap CI over test sequences; held-out cross-entropy (nats) and its gain over the class prior
    (the training class frequencies: uniform, so the prior's cross-entropy is ``log C``), with a CI.
 2. **Embedding-retrieval probe**: ridge regression from the state onto a fixed code of the target token
    (``embedding`` [V, e], by default the model's input embedding in ``meshprobe analyze``; ``None``: a fixed
    Gaussian code [V, d], N(0, 1/d), drawn from ``seed``, V = max token id + 1) on *every* training position, no
-   class cut; streamed through XᵀX / XᵀY (:mod:`meshprobe.analysis.retrieval`). Reported on held-out rows
+   class cut; streamed through XᵀX / XᵀY (:mod:`meshprobe.analysis.probes.retrieval`). Reported on held-out rows
    (a seeded sample of at most ``retrieval_test_rows`` test positions): R² and top-1 / top-5 retrieval of the
    target among all V codes, with bootstrap CIs. Baseline: ``retrieval_majority``, the share of those rows
    whose target is the most frequent training type (what always answering that type scores). A random code is
@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from meshprobe.analysis.retrieval import RidgeStats, retrieval_ranks
-from meshprobe.analysis.softmax import L2_GRID, fit_softmax_cv
+from meshprobe.analysis.probes.retrieval import RidgeStats, retrieval_ranks
+from meshprobe.analysis.probes.softmax import L2_GRID, fit_softmax_cv
 from meshprobe.analysis.stats import bootstrap_ratio_ci, cv_fold, is_test_sequence, sequence_sums, unit_hash
 
 __all__ = [

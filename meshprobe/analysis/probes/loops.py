@@ -3,7 +3,7 @@
 If the K loop steps of a recursive model compute different things, the step should be decodable from the step's
 output ``h^(t+1)`` and from its update ``f(h^(t)) - h^(t)``. Norms change with ``t`` (update magnitudes decay
 across loops in base models), so a probe can read ``t`` from the norm alone; the probe therefore reads six
-feature sets, each a multinomial logistic probe over the K steps (:mod:`meshprobe.analysis.softmax`, L2 by
+feature sets, each a multinomial logistic probe over the K steps (:mod:`meshprobe.analysis.probes.softmax`, L2 by
 cross-validation over training sequences):
 
 * ``state`` / ``update``: the raw vectors;
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meshprobe.analysis.softmax import fit_softmax_cv, fit_softmax_many
+from meshprobe.analysis.probes.softmax import fit_softmax_cv, fit_softmax_many
 from meshprobe.analysis.stats import bootstrap_ratio_ci, is_test_sequence, sequence_sums, unit_hash
 
 __all__ = ["LOOP_FEATURES", "LoopStepAccumulator", "loop_step_probe"]

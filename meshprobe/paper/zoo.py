@@ -16,7 +16,7 @@ A zoo spec is a TOML file (bundled specs in meshprobe/configs/zoo/: zoo-cpu, zoo
     samples = 500                 # validation token sample shipped beside them
     seq_len = 128
 
-A zoo whose data is a synthetic task (``data = "task:..."``, :mod:`meshprobe.tasks`) has no tokenizer and no
+A zoo whose data is a synthetic task (``data = "task:..."``, :mod:`meshprobe.data.tasks`) has no tokenizer and no
 validation token sample: its results carry each run's task accuracy on fresh sequences (:func:`task_row`).
 
 All runs of a zoo share one tokenizer (trained once on the zoo's data), so their validation tokens, losses
@@ -37,7 +37,7 @@ from meshprobe.errors import UserError
 RESULTS_FILE = "results.json"
 MANIFEST_FILE = "zoo.json"
 VAL_TOKENS_FILE = "val_tokens.npy"
-ZOO_DIR = Path(__file__).resolve().parent / "configs" / "zoo"
+ZOO_DIR = Path(__file__).resolve().parents[1] / "configs" / "zoo"
 
 
 @dataclass
@@ -104,7 +104,7 @@ def load_zoo(name_or_path: str) -> ZooSpec:
 
 def run_configs(spec: ZooSpec, run: ZooRun, tokenizer: str | None = None):
     """(ModelConfig, TrainConfig) of one run: preset, then zoo overrides, then the run's own keys."""
-    from meshprobe.train import load_config
+    from meshprobe.training import load_config
 
     overrides = {**spec.overrides, **run.overrides, "seed": run.seed}
     if tokenizer:
@@ -114,7 +114,7 @@ def run_configs(spec: ZooSpec, run: ZooRun, tokenizer: str | None = None):
 
 def zoo_task(spec: ZooSpec):
     """The zoo's TaskSpec when it trains on a synthetic task, else None."""
-    from meshprobe.tasks import is_task_spec, parse_task
+    from meshprobe.data.tasks import is_task_spec, parse_task
 
     data = run_configs(spec, spec.runs[0])[1].data
     return parse_task(data) if is_task_spec(data) else None
@@ -136,7 +136,7 @@ def shared_tokenizer(spec: ZooSpec, out: Path) -> Path | None:
 
 def train_zoo(spec: ZooSpec, out: str | os.PathLike, only: list[str] | None = None) -> list[dict]:
     """Train every run of the spec (or those whose name or id is in `only`) and update the results file."""
-    from meshprobe.train import train
+    from meshprobe.training import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def task_row(model, task, path: Path) -> dict:
     seed 0), steps to the first evaluation >= SOLVE_THRESHOLD, and the final accuracy on TASK_EVAL_SEQUENCES
     fresh sequences (evaluation seed TASK_EVAL_SEED, never seen in training or in training-time evaluation)."""
     from meshprobe.evaluate import evaluate_task
-    from meshprobe.train.state import read_log
+    from meshprobe.training.state import read_log
 
     config = model.checkpoint_config
     meta, mc = config.get("metadata", {}), config["model"]
@@ -238,8 +238,9 @@ def task_row(model, task, path: Path) -> dict:
 
 
 def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") -> Path:
-    """Copy the bundle runs (seed 0) into `dest` in fp16 without optimizer state, with the shared validation
-    token sample, the results file and a manifest. Figures regenerate from `dest` alone."""
+    """Copy the bundle runs (seed 0) into `dest` in fp16 without optimizer state, each with its own copy of the
+    shared validation token sample (`val_tokens.npy`, so `meshprobe analyze dest/NAME` needs no data), plus the
+    shared sample, the results file and a manifest. Figures regenerate from `dest` alone."""
     import torch
 
     from meshprobe.checkpoint import load_checkpoint, save_checkpoint
@@ -247,17 +248,20 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    task = zoo_task(spec)
+    if task is None:
+        validation_sample(spec, out)
     entries = []
     for name in spec.bundle_runs:
         src = out / f"{name}-s0"
         model = load_checkpoint(src)
         meta = model.checkpoint_config.get("metadata", {})
         files = {f: (src / f).read_bytes() for f in ("train_log.jsonl",) if (src / f).is_file()}
-        save_checkpoint(model, dest / name, tokenizer=load_tokenizer(src, missing_ok=True), files=files, dtype=torch.float16, **meta)
+        if task is None:  # each checkpoint carries its own validation sample: it analyzes on any machine
+            files[VAL_TOKENS_FILE] = (out / VAL_TOKENS_FILE).read_bytes()
+        save_checkpoint(model, dest / name, tokenizer=load_tokenizer(src, missing_ok=True), files=files,
+                        dtype=torch.float16, **meta)
         entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant})
-    task = zoo_task(spec)
-    if task is None:
-        validation_sample(spec, out)
     for name in (VAL_TOKENS_FILE, RESULTS_FILE) if task is None else (RESULTS_FILE,):
         _io.copy_file(out / name, dest / name)
     _io.write_json(dest / MANIFEST_FILE, {"spec": spec.path.name, "description": spec.description, "models": entries,

@@ -6,7 +6,7 @@
 Inputs of `regenerate_tasks` (written by `meshprobe zoo --spec zoo-tasks --bundle checkpoints/tasks`): `zoo.json`
 (the bundled models, seed 0 of each variant, fp16), their checkpoints and `results.json` (every run of the zoo:
 steps to solve, training curve, accuracy on fresh sequences). Outputs: `<task>.png/.pdf` (one figure per task,
-:mod:`meshprobe.analysis.task_plots`), `ground_truth.json` (every number behind the figure) and `results.md`
+:mod:`meshprobe.analysis.plots.tasks`), `ground_truth.json` (every number behind the figure) and `results.md`
 (the table of every run and the command that made it).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from meshprobe.errors import UserError
 
 
 def _load_task_models(paths, names=None):
-    from meshprobe import tasks
+    from meshprobe.data import tasks
     from meshprobe.checkpoint import load_checkpoint
 
     names = names or [Path(p).name for p in paths]
@@ -40,8 +40,8 @@ def _load_task_models(paths, names=None):
 
 
 def _write(out: Path, spec, analyses: dict[str, dict], rows: list[dict], extra_files: dict[str, str]) -> list[Path]:
-    from meshprobe import tasks
-    from meshprobe.analysis.task_plots import plot_task
+    from meshprobe.data import tasks
+    from meshprobe.analysis.plots.tasks import plot_task
 
     shortcut = tasks.shortcut_accuracies(tasks.eval_set(spec, 2000, seed=7))["x_i"]
     by_variant = {a["variant"]: a for a in analyses.values()}
@@ -61,7 +61,7 @@ def analyze_task_checkpoints(paths, out: str | os.PathLike, names=None, n_sequen
                              data: str | None = None) -> list[Path]:
     """`meshprobe analyze` for task checkpoints: :func:`~meshprobe.analysis.ground_truth.analyze_task` of each
     (on `n_sequences` evaluation sequences of seed `seed`) -> ground_truth.json and the task figure in `out`."""
-    from meshprobe import tasks
+    from meshprobe.data import tasks
     from meshprobe.analysis.ground_truth import analyze_task
 
     spec, models = _load_task_models(list(paths), names)
@@ -99,7 +99,7 @@ def regenerate_tasks(checkpoints: str | os.PathLike = "checkpoints/tasks", out: 
                      n_sequences: int = 256, seed: int = 0) -> list[Path]:
     """Recompute the task figure, ground_truth.json and results.md from a bundled task zoo."""
     from meshprobe.analysis.ground_truth import analyze_task
-    from meshprobe.analysis.task_plots import accuracy_summary
+    from meshprobe.analysis.plots.tasks import accuracy_summary
 
     root = Path(checkpoints)
     manifest_path = root / "zoo.json"

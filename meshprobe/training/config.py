@@ -19,7 +19,7 @@ class TrainConfig:
     """The ``[train]`` section of a preset. Every field can be overridden on the command line (``--lr 1e-3``).
 
     data            corpus spec (:mod:`meshprobe.data`): "shakespeare", "mix", a source name, or a list of paths;
-                    or a synthetic task (:mod:`meshprobe.tasks`), e.g. "task:phop:hops=2,symbols=8,seq_len=32,mix=1":
+                    or a synthetic task (:mod:`meshprobe.data.tasks`), e.g. "task:phop:hops=2,symbols=8,seq_len=32,mix=1":
                     no tokenizer, targets masked where undefined, and seq_len is set to the task's prefix + n
     seed            seeds the model init and the batch stream (batch at step s = f(seed, s))
     batch_size      GLOBAL batch in sequences (split evenly over processes under torchrun)
@@ -118,7 +118,7 @@ class TrainConfig:
 
     def _check_task(self) -> None:
         """A task fixes the sequence length; stop_acc needs a task."""
-        from meshprobe.tasks import is_task_spec, parse_task
+        from meshprobe.data.tasks import is_task_spec, parse_task
 
         if is_task_spec(self.data):
             self.seq_len = parse_task(self.data).n_ctx

@@ -1,10 +1,10 @@
-"""Training on a synthetic task (``--data task:...``, :mod:`meshprobe.tasks`) instead of text.
+"""Training on a synthetic task (``--data task:...``, :mod:`meshprobe.data.tasks`) instead of text.
 
 What changes against text (everything else -- recipe, schedule, progress, resume, errors -- is the same loop):
 
 * no corpus and no tokenizer: token id = symbol id (hop-count prefix tokens after the symbols); the model's
   ``vocab_size`` and ``n_ctx`` must hold the task (checked before anything is written);
-* the batch at step s is :func:`meshprobe.tasks.train_batch` (a pure function of seed and step, so resume
+* the batch at step s is :func:`meshprobe.data.tasks.train_batch` (a pure function of seed and step, so resume
   and DDP work as for text); targets sit at their own positions (no shift) and are -100 where undefined;
   the loss is the mean cross-entropy over the defined targets (per micro-batch, then averaged);
 * evaluation (:func:`meshprobe.evaluate.evaluate_task`) runs on a fixed set of ``eval_batches * batch_size``
@@ -16,7 +16,7 @@ What changes against text (everything else -- recipe, schedule, progress, resume
 """
 from __future__ import annotations
 
-from meshprobe import tasks
+from meshprobe.data import tasks
 from meshprobe.errors import UserError
 
 

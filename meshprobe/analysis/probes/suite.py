@@ -1,14 +1,14 @@
 """The probes of ``meshprobe analyze``: token-information, embedding-retrieval, increment and loop-step probes
 over every state (and MeSH slot) of one model, streamed batch by batch (memory independent of N).
 
-:class:`ProbeSuite` wires the library probes (:mod:`meshprobe.analysis.token_probes`,
-:mod:`meshprobe.analysis.loop_probes`) to the cached states of a forward pass:
+:class:`ProbeSuite` wires the library probes (:mod:`meshprobe.analysis.probes.tokens`,
+:mod:`meshprobe.analysis.probes.loops`) to the cached states of a forward pass:
 
-* **Feature spaces**: every state of :func:`~meshprobe.analysis.collect.state_spec` (h_emb, h^(0) ... h^(K),
+* **Feature spaces**: every state of :func:`~meshprobe.analysis.pipeline.collect.state_spec` (h_emb, h^(0) ... h^(K),
   h_out; vanilla: h_emb, layer 1 ..., h_out) and, for MeSH models, every buffer slot m0 ... m{B-1} after the last
   write (``loop.{K-1}.mesh.hook_memory``), or the subset given by ``features``.
 * **Token probes** at the target offsets (default ``(0, -1, -2, -4, -8, +1)``; x_{i+k}): one
-  :class:`~meshprobe.analysis.token_probes.TokenProbePlan` for all feature spaces (same classes, rows, split).
+  :class:`~meshprobe.analysis.probes.tokens.TokenProbePlan` for all feature spaces (same classes, rows, split).
   Offsets that the sample cannot support (|k| >= seq - 1, or fewer than 2 classes with enough test rows) are
   dropped with a note.
 * **L2 selection** (``l2_mode``): ``"per_offset"`` (default) chooses the logistic probe's L2 by cross-validation
@@ -21,7 +21,7 @@ over every state (and MeSH slot) of one model, streamed batch by batch (memory i
   increment moved ΔCE by up to 2.7 CI widths; so both probes of the increment are always cross-validated
   (the base probe's fit on h_emb is cached and shared by every feature space).
 * **Increment** over h_emb for every other feature space and every offset except 0.
-* **Loop-step probe** (recursive models with K >= 2): :class:`~meshprobe.analysis.loop_probes.
+* **Loop-step probe** (recursive models with K >= 2): :class:`~meshprobe.analysis.probes.loops.
   LoopStepAccumulator` on h^(t+1) and f_core(h^(t)) - h^(t).
 """
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from meshprobe.analysis.collect import StateSpec
-from meshprobe.analysis.loop_probes import LoopStepAccumulator
+from meshprobe.analysis.pipeline.collect import StateSpec
+from meshprobe.analysis.probes.loops import LoopStepAccumulator
 from meshprobe.analysis.stats import shared_ngram_fraction
-from meshprobe.analysis.token_probes import DEFAULT_OFFSETS, TokenProbePlan
+from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS, TokenProbePlan
 
 __all__ = ["ProbeSuite", "offset_key", "BASELINES", "random_init_baseline"]
 
@@ -83,7 +83,7 @@ class ProbeSuite:
     ``tokens`` [N, S]: the whole sample (the plan is a function of the tokens and ``seed``); ``embedding``
     [V, e]: the retrieval code (the model's input embedding in ``meshprobe analyze``); ``features``: the feature
     spaces to probe (default: all states and slots); ``increments`` / ``loop``: whether to run them; other keywords go to
-    :class:`~meshprobe.analysis.token_probes.TokenProbePlan` (e.g. ``retrieval_test_rows``)."""
+    :class:`~meshprobe.analysis.probes.tokens.TokenProbePlan` (e.g. ``retrieval_test_rows``)."""
 
     def __init__(self, spec: StateSpec, tokens: torch.Tensor, *, offsets: Sequence[int] = DEFAULT_OFFSETS,
                  max_classes: int = 64, seed: int = 0, embedding: torch.Tensor | None = None,
@@ -218,7 +218,7 @@ def random_init_baseline(model, tokens: torch.Tensor, *, features: Sequence[str]
     ``torch.manual_seed(seed)`` without touching the caller's RNG state), on the same tokens and rows.
     ``features``: the feature spaces (default: the state just before h_out, i.e. h^(K) for recursive models).
     The retrieval code is the random model's own input embedding. Returns ``{"model", "features", "token"}``."""
-    from meshprobe.analysis.collect import iter_caches, state_spec
+    from meshprobe.analysis.pipeline.collect import iter_caches, state_spec
     from meshprobe.model import build_model
 
     device = device or next(model.parameters()).device

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from meshprobe._tl import ActivationCache
+from meshprobe.tl import ActivationCache
 
 Parts = dict[str, torch.Tensor]
 
@@ -64,7 +64,7 @@ class LoopedActivationCache(ActivationCache):
         raise LoopedResidualError(
             f"cache.{call}(layer={layer}) assumes a plain residual sum, but in this {cfg.variant} looped model "
             f"{where} is a loop-step mix (carried state / anchor / MeSH read), not the previous layer's output; "
-            f"use meshprobe.decompose.decompose_looped(cache, layer={layer}{', heads=True' if heads else ''}) "
+            f"use meshprobe.tl.decompose.decompose_looped(cache, layer={layer}{', heads=True' if heads else ''}) "
             "(per step: state_parts(cache, t))")
 
     def _layer(self, layer) -> int:

@@ -1,21 +1,21 @@
-"""The analysis pipeline: sample tokens, one streaming pass per model (:class:`~meshprobe.analysis.analyzer.
-Analyzer`), and one :func:`write_outputs` (metrics.json, report.md, figures) used by both ``meshprobe analyze``
-and ``meshprobe figures``.
+"""The analysis of one model: sample tokens, one streaming pass (:class:`~meshprobe.analysis.pipeline.analyzer.
+Analyzer`), the metrics as a dict. Writing files from checkpoints (``meshprobe analyze``) is
+:mod:`meshprobe.analysis.pipeline.checkpoints`.
 
-    from meshprobe.analysis.run import analyze_model, sample_tokens
-    tokens = sample_tokens("checkpoints/tiny-mesh", samples=500, seq_len=256, seed=0)
-    metrics = analyze_model(model, tokens)          # a JSON-serializable dict (see METRICS_KEYS)
-    analyze_checkpoints(["ckpt/base", "ckpt/mesh"], "figures/cmp")   # what `meshprobe analyze` runs
+    import meshprobe as mp
+    m = mp.analyze("checkpoints/loop3-mesh", samples=64)   # Metrics: a dict (one models[] entry of metrics.json)
+    m["relative_update"]; m.plot("out/")                  # the figures one call away
+    metrics = analyze_model(model, tokens)                # the same on a loaded model and a token tensor
 
 Memory does not grow with N: every batch ``[b, seq]`` is run through ``model.run_with_cache`` (only the
-state / mesh hooks are cached, :mod:`meshprobe.analysis.collect`), folded into fixed-size accumulators
+state / mesh hooks are cached, :mod:`meshprobe.analysis.pipeline.collect`), folded into fixed-size accumulators
 (``RunningStats`` for per-sample numbers, the probes' sufficient statistics) and dropped. ``Analyzer.nbytes``
 reports the accumulator size; it is the same for every N once the first batch has been seen.
 
 What is computed (every choice the paper leaves open is stated here and in ``notes`` of the output)
 -----------------------------------------------------------------------------------------------
 * **Relative update** ``r(f, h) = 2 ||f(h) - h||_F / (||f(h)||_F + ||h||_F)`` per sample (Frobenius norm over
-  the sample's ``[seq, d]`` matrix) for each block of :func:`~meshprobe.analysis.collect.state_spec` (prelude,
+  the sample's ``[seq, d]`` matrix) for each block of :func:`~meshprobe.analysis.pipeline.collect.state_spec` (prelude,
   every core call with input h^(t) and output f_core(h^(t)) before any mixing, coda; single layers for
   vanilla models); mean and std over samples.
 * **CKA** between every pair of states, the tokens of one sample as the examples, averaged over samples:
@@ -31,7 +31,7 @@ What is computed (every choice the paper leaves open is stated here and in ``not
   loss, reported as ``model_loss`` from the forward's logits). To keep the unembedding cost down only
   ``lens_positions = 64`` positions per sample are decoded, evenly spaced over ``0..seq-2`` (all positions
   for short sequences); the coda always runs on the whole sequence.
-* **Probes** (this project's addition; :mod:`meshprobe.analysis.probe_suite`): for every state and MeSH slot
+* **Probes** (this project's addition; :mod:`meshprobe.analysis.probes.suite`): for every state and MeSH slot
   (after the last write), the balanced multinomial logistic token probe and the embedding-retrieval probe
   (ridge onto the model's input embedding, nearest type among the whole vocabulary) for the target x_{i+k} at
   ``offsets`` (default 0, -1, -2, -4, -8, +1), the increment over h_emb, and (recursive models, K >= 2) the
@@ -51,32 +51,29 @@ What is computed (every choice the paper leaves open is stated here and in ``not
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-import meshprobe
-from meshprobe import _io
-from meshprobe.analysis.analyzer import Analyzer
-from meshprobe.analysis.collect import check_tokens, iter_caches, state_spec
-from meshprobe.analysis.probe_suite import ProbeSuite, random_init_baseline
-from meshprobe.analysis.token_probes import DEFAULT_OFFSETS
-from meshprobe.analysis.schema import FORMAT, FORMAT_VERSION, METRICS_KEYS, metric_key_paths, to_jsonable
+from meshprobe.analysis.pipeline.analyzer import Analyzer
+from meshprobe.analysis.pipeline.collect import check_tokens, iter_caches, state_spec
+from meshprobe.analysis.pipeline.schema import METRICS_KEYS, metric_key_paths, to_jsonable
+from meshprobe.analysis.probes.suite import ProbeSuite, random_init_baseline
+from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
 from meshprobe.errors import UserError
-from meshprobe.runtime import resolve_device, torch_threads, tune_cpu_allocator
+from meshprobe.runtime import torch_threads
 
-__all__ = ["Analyzer", "analyze_model", "sample_tokens", "analyze_checkpoints", "write_outputs", "METRICS_KEYS",
-           "metric_key_paths", "to_jsonable", "FORMAT", "FORMAT_VERSION", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN"]
+__all__ = ["Analyzer", "Metrics", "analyze", "analyze_model", "sample_tokens", "bundled_tokens", "METRICS_KEYS",
+           "metric_key_paths", "to_jsonable", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "BUNDLED_TOKENS"]
 
 DEFAULT_SAMPLES = 500
 DEFAULT_SEQ_LEN = 256
+BUNDLED_TOKENS = "val_tokens.npy"  # a checkpoint's own validation sample [N, seq] (bundled checkpoints ship one)
 
 
 def _model_info(model) -> dict[str, Any]:
@@ -92,7 +89,7 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
                   name: str | None = None, checkpoint: str | None = None, source: str | None = None,
                   sigma_frac: float = 0.5, top: int = 50, offsets: Sequence[int] = DEFAULT_OFFSETS,
                   max_classes: int = 64, l2_mode: str = "per_offset", lens_positions: int | None = 64,
-                  threads: int | None = 1, analyzer_out: list | None = None,
+                  threads: int | None = None, analyzer_out: list | None = None,
                   probe_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run every analysis of this module on ``tokens`` [N, seq] (int) in one streaming pass; returns the
     per-model metrics dict (JSON-serializable, the ``models[]`` entry of metrics.json, see METRICS_KEYS).
@@ -100,21 +97,19 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
     ``device``: where to run (default: the model's device; the model is moved there). ``probes=False`` skips
     the probes (the slowest part); ``baseline=False`` skips the random-init baseline of the probes (a second
     forward pass of a freshly initialised model). ``offsets`` / ``max_classes`` / ``l2_mode``: the token
-    probes' target offsets, classes and L2 selection (:mod:`meshprobe.analysis.probe_suite`). ``progress``: a
+    probes' target offsets, classes and L2 selection (:mod:`meshprobe.analysis.probes.suite`). ``progress``: a
     tqdm bar over samples on stderr. ``seed`` seeds the probes' split, rows and the random-init model.
-    ``threads``: torch CPU threads during the analysis (restored afterwards; ``None`` = leave as is).
-    The default 1 is deliberate: on a shared 2-core machine one thread was measured 3-5x faster than two for
-    the whole analysis (OpenMP threads wait for each other whenever another process holds a core); raise it on
-    an idle many-core machine. ``analyzer_out``: if a list is given, the :class:`Analyzer` is appended to it.
-    ``probe_options``: further keywords of :class:`~meshprobe.analysis.probe_suite.ProbeSuite` (row caps etc.).
+    ``threads``: torch CPU threads during the analysis (restored afterwards; ``None`` = leave as is). On a
+    shared 2-core machine one thread was measured 3-5x faster than two for the whole analysis (OpenMP threads
+    wait for each other whenever another process holds a core), so ``meshprobe analyze`` passes 1; results
+    differ between thread counts only in float rounding. ``analyzer_out``: if a list is given, the :class:`Analyzer` is appended to it.
+    ``probe_options``: further keywords of :class:`~meshprobe.analysis.probes.suite.ProbeSuite` (row caps etc.).
     """
     cfg = model.cfg
     tokens = check_tokens(tokens, cfg)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    if device.type == "cpu":
-        tune_cpu_allocator()  # as resolve_device does for the CLI
     model = model.to(device).eval()
     N, seq = tokens.shape
     t0 = time.time()
@@ -145,7 +140,7 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
                     out["notes"] += base.pop("notes")
                 else:
                     out["notes"].append("random-init baseline of the probes skipped" + ("" if baseline else
-                                                                                         " (--no-baseline)"))
+                                                                                         " (baseline=False)"))
                 out["probes"]["random_init"] = to_jsonable(base)
     finally:
         if bar is not None:
@@ -196,7 +191,7 @@ def sample_tokens(ckpt, samples: int = 500, seq_len: int = 256, seed: int = 0, d
         tok = tokenizer
         where = "the model"
     if tok is None:
-        raise UserError(f"{where} has no tokenizer.json: pass pre-tokenized sequences with --tokens FILE.npy")
+        raise UserError(f"{where} has no tokenizer.json: pass pre-tokenized sequences (tokens)")
     n_ctx = config["model"]["n_ctx"]
     if seq_len > n_ctx:
         raise UserError(f"seq_len {seq_len} is above the model context n_ctx={n_ctx}")
@@ -214,147 +209,141 @@ def sample_tokens(ckpt, samples: int = 500, seq_len: int = 256, seed: int = 0, d
     return torch.from_numpy(D.sample_sequences(ids, samples, seq_len, seed))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# checkpoints in, files out: `meshprobe analyze`
-# ---------------------------------------------------------------------------------------------------------
-def safe_name(name: str) -> str:
-    """A display name as a folder name."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "model"
-
-
-def display_names(names: str | None, paths: Sequence[Path]) -> list[str]:
-    """One display name per checkpoint: the comma-separated `names`, else the folder names (made distinct)."""
-    if names is not None:
-        out = [n.strip() for n in names.split(",")]
-        if len(out) != len(paths) or any(not n for n in out):
-            raise UserError(f"--names needs {len(paths)} non-empty comma-separated names, got {names!r}")
-        if len({safe_name(n) for n in out}) != len(out):
-            raise UserError(f"--names must be distinct (as folder names), got {names!r}")
-        return out
-    out, seen = [], {}
-    for p in paths:
-        base = p.resolve().name or "model"
-        k = seen.get(base, 0)
-        seen[base] = k + 1
-        out.append(base if k == 0 else f"{base}-{k + 1}")
-    return out
-
-
 def load_token_file(path: str | os.PathLike) -> np.ndarray:
     """A pre-tokenized ``.npy`` integer array [N, seq] (never unpickled); UserError otherwise."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--tokens: file not found: {p}")
+        raise UserError(f"tokens file not found: {p}")
     try:
         arr = np.load(p, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"--tokens {p}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"tokens={p}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise UserError(f"--tokens {p}: need a 2-d integer array [N, seq], got "
+        raise UserError(f"tokens={p}: need a 2-d integer array [N, seq], got "
                         f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}")
     return arr
 
 
-def _check_shapes(configs: list[dict], paths: list[Path], token_file, tokens_path, samples, seq_len) -> None:
+def check_token_shapes(configs: Sequence[Mapping], paths: Sequence[Path], token_file, tokens_path, samples,
+                       seq_len) -> None:
+    """Fail before any work when the requested ``samples`` / ``seq_len`` do not fit the token file or a
+    checkpoint's context."""
     if token_file is not None:
         n_rows, n_cols = token_file.shape
         if samples is not None and samples > n_rows:
-            raise UserError(f"--samples {samples} but {tokens_path} has only {n_rows} rows")
+            raise UserError(f"samples={samples} but {tokens_path} has only {n_rows} rows")
         if seq_len is not None and seq_len > n_cols:
-            raise UserError(f"--seq-len {seq_len} but {tokens_path} has only {n_cols} tokens per row")
+            raise UserError(f"seq_len={seq_len} but {tokens_path} has only {n_cols} tokens per row")
     for p, cfg in zip(paths, configs):
         n_ctx = cfg["model"]["n_ctx"]
         want = seq_len if seq_len is not None else (token_file.shape[1] if token_file is not None else None)
         if want is not None and want > n_ctx:
-            raise UserError(f"seq-len {want} is above the context of {p} (n_ctx={n_ctx})")
+            raise UserError(f"seq_len={want} is above the context of {p} (n_ctx={n_ctx})")
 
 
-def _tokens_for(model, path: Path, token_file, tokens_path, samples, seq_len, seed, data):
-    """(tokens [N, seq], source description) for one checkpoint: rows of the token file, or a sample of the
-    validation split of its corpus (``data`` overrides it)."""
+def _rows(token_file: np.ndarray, samples: int | None, seq_len: int | None) -> torch.Tensor:
+    rows = samples if samples is not None else token_file.shape[0]
+    cols = seq_len if seq_len is not None else token_file.shape[1]
+    return torch.from_numpy(np.ascontiguousarray(token_file[:rows, :cols]).astype(np.int64))
+
+
+def bundled_tokens(path: str | os.PathLike) -> Path | None:
+    """The checkpoint's own validation sample (``val_tokens.npy`` in its folder), if it ships one."""
+    f = Path(path) / BUNDLED_TOKENS
+    return f if f.is_file() else None
+
+
+def checkpoint_tokens(model, path: str | os.PathLike | None, *, token_file: np.ndarray | None = None,
+                      tokens_path=None, samples: int | None = None, seq_len: int | None = None, seed: int = 0,
+                      data=None) -> tuple[torch.Tensor, str]:
+    """``(tokens [N, seq], where they came from)`` for one checkpoint, first that applies:
+
+    1. the rows of ``token_file`` (first ``samples`` rows, first ``seq_len`` columns; default all);
+    2. without ``data``: the checkpoint's own validation sample ``val_tokens.npy`` (bundled checkpoints ship
+       one, so they analyze on any machine: a checkpoint never needs the corpus path of the machine that
+       trained it), rows and columns as in 1;
+    3. ``samples`` windows (default 500) of ``seq_len`` tokens (default min(256, n_ctx)) drawn with ``seed``
+       from the validation split of the checkpoint's corpus (``data`` overrides it), tokenized with its own
+       tokenizer.
+    """
     if token_file is not None:
-        rows = samples if samples is not None else token_file.shape[0]
-        cols = seq_len if seq_len is not None else token_file.shape[1]
-        tokens = torch.from_numpy(np.ascontiguousarray(token_file[:rows, :cols]).astype(np.int64))
-        return tokens, f"{tokens_path} (rows 0..{rows - 1}, {cols} tokens)"
+        rows = _rows(token_file, samples, seq_len)
+        return rows, f"{tokens_path} (rows 0..{rows.shape[0] - 1}, {rows.shape[1]} tokens)"
+    own = bundled_tokens(path) if path is not None and not data else None
+    if own is not None:
+        arr = load_token_file(own)
+        check_token_shapes([{"model": {"n_ctx": model.cfg.n_ctx}}], [Path(path)], arr, own, samples, seq_len)
+        rows = _rows(arr, samples, seq_len)
+        return rows, f"the checkpoint's own validation sample ({BUNDLED_TOKENS}, {rows.shape[0]} x {rows.shape[1]})"
     from meshprobe.data import load_tokenizer
 
     samples = samples if samples is not None else DEFAULT_SAMPLES
     seq_len = seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, model.cfg.n_ctx)
-    tokenizer = load_tokenizer(path, missing_ok=True)
+    tokenizer = load_tokenizer(path, missing_ok=True) if path is not None else None
     if tokenizer is None:
-        raise UserError(f"{path} has no tokenizer.json: pass pre-tokenized sequences with --tokens FILE.npy")
-    tokens = sample_tokens(model, samples, seq_len, seed, data=data, tokenizer=tokenizer)
+        raise UserError(f"{path or 'the model'} has no tokenizer.json and no {BUNDLED_TOKENS}: pass pre-tokenized "
+                        "sequences (tokens)")
     spec = data if data else default_data_spec(model.checkpoint_config)
+    tokens = sample_tokens(model, samples, seq_len, seed, data=data, tokenizer=tokenizer)
     return tokens, f"validation split of {spec if isinstance(spec, str) else ' + '.join(spec)}"
 
 
-def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike, *,
-                        names: str | None = None, samples: int | None = None, seq_len: int | None = None,
-                        data=None, tokens: str | os.PathLike | None = None, seed: int = 0, device: str = "auto",
-                        batch_size: int = 8, threads: int | None = 1, lens_positions: int | None = 64,
-                        probes: bool = True, baseline: bool = True, offsets: Sequence[int] = DEFAULT_OFFSETS,
-                        max_classes: int = 64, l2_mode: str = "per_offset", progress: bool = True,
-                        on_result: Callable[[dict], None] | None = None) -> list[Path]:
-    """Analyse checkpoints and write ``out`` (metrics.json, report.md, figures; see :func:`write_outputs`).
+class Metrics(dict):
+    """One model's metrics: a plain dict (the ``models[]`` entry of metrics.json; every key is documented in
+    ``METRICS_KEYS``), with the figures and the report one call away."""
 
-    Every checkpoint's config is checked before any work. Tokens: ``samples`` windows of ``seq_len`` tokens
-    drawn with ``seed`` from the validation split of each checkpoint's corpus (or ``data``), or the rows of the
-    ``tokens`` .npy file. ``on_result`` is called with each model's metrics as it finishes. Returns the files.
+    def plot(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write this model's figures (PNG + PDF: fig1, cka_linear, lens, probes, router for MeSH) into
+        ``out_dir``; returns the paths."""
+        from meshprobe.analysis.plots import diagnostics
+
+        return diagnostics.plot_model(self, out_dir)
+
+    def report(self) -> str:
+        """report.md's text for this model."""
+        from meshprobe.analysis.report import render_report
+
+        return render_report({"models": [dict(self)]})
+
+    def save(self, out: str | os.PathLike) -> list[Path]:
+        """Write ``out`` as ``meshprobe analyze`` does (metrics.json, report.md, figures; atomically)."""
+        from meshprobe.analysis.pipeline.checkpoints import write_outputs
+
+        return write_outputs(out, [dict(self)], self.plot)
+
+    def _repr_markdown_(self) -> str:  # Jupyter shows the report
+        return self.report()
+
+
+def analyze(model, tokens=None, *, samples: int | None = None, seq_len: int | None = None, data=None,
+            seed: int = 0, device: str | torch.device | None = None, name: str | None = None, **options) -> Metrics:
+    """Analyze a model, the notebook way: ``mp.analyze("checkpoints/loop3-mesh")`` -> :class:`Metrics`.
+
+    ``model``: a loaded model or a checkpoint folder (loaded on ``device``, default CPU). ``tokens``: an
+    integer tensor / array [N, seq], a ``.npy`` path, or None: then :func:`checkpoint_tokens` picks them
+    (the checkpoint's own ``val_tokens.npy``, else ``samples`` windows of ``seq_len`` from its corpus or
+    ``data``). ``samples`` / ``seq_len`` also cut a given token array. Every other keyword goes to
+    :func:`analyze_model` (``probes``, ``baseline``, ``batch_size``, ``offsets``, ``progress``, ``threads``,
+    ...). Nothing process-wide is changed (threads are restored; the CPU allocator is left alone).
     """
-    from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
+    path = None
+    if isinstance(model, (str, os.PathLike)):
+        from meshprobe.checkpoint import load_checkpoint
 
-    paths = [Path(p) for p in checkpoints]
-    configs = [read_checkpoint_config(p) for p in paths]  # fail fast on a bad checkpoint, before any work
-    labels = display_names(names, paths)
-    dev = resolve_device(device)
-    token_file = load_token_file(tokens) if tokens else None
-    _check_shapes(configs, paths, token_file, tokens, samples, seq_len)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
-    results = []
-    for p, name in zip(paths, labels):
-        model = load_checkpoint(p, device=dev)
-        toks, source = _tokens_for(model, p, token_file, tokens, samples, seq_len, seed, data)
-        res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
-                            offsets=offsets, max_classes=max_classes, l2_mode=l2_mode, progress=progress,
-                            seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
-                            lens_positions=lens_positions)
-        results.append(res)
-        if on_result is not None:
-            on_result(res)
-        del model
-    return write_outputs(out, results, lambda tmp: plot_analysis(results, labels, tmp))
-
-
-def plot_analysis(results: list[dict], names: list[str], out_dir: Path) -> None:
-    """The figures of ``meshprobe analyze``: one model's figures, or the comparison plus each model's own
-    figures in ``<name>/``."""
-    from meshprobe.analysis import plots
-
-    if len(results) == 1:
-        plots.plot_model(results[0], out_dir)
-        return
-    plots.plot_comparison(results, names, out_dir)
-    for res, name in zip(results, names):
-        plots.plot_model(res, out_dir / safe_name(name))
-
-
-def write_outputs(out: str | os.PathLike, models: list[dict], plot: Callable[[Path], Any],
-                  extra: Mapping[str, Any] | None = None) -> list[Path]:
-    """Write an analysis folder: ``plot(folder)`` draws the figures (and any other files), then metrics.json
-    (``{"format", "version", "meshprobe_version", "models", **extra}``) and report.md. Everything is written
-    into a temp folder beside ``out`` and moved in only when complete, so a failure leaves earlier results
-    intact. Returns the files written."""
-    from meshprobe.analysis import report
-
-    out = Path(out)
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "meshprobe_version": meshprobe.__version__,
-           "models": models, **(extra or {})}
-    with _io.staging_dir(out) as tmp:
-        plot(tmp)
-        (tmp / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
-        report.write_report(doc, tmp / "report.md")
-        out.mkdir(parents=True, exist_ok=True)
-        return _io.move_into(tmp, out)
+        path, model = Path(model), load_checkpoint(model, device=device or "cpu")
+    elif getattr(model, "checkpoint_dir", None) is not None:
+        path = Path(model.checkpoint_dir)
+    if tokens is None:
+        tokens, source = checkpoint_tokens(model, path, samples=samples, seq_len=seq_len, seed=seed, data=data)
+    elif isinstance(tokens, (str, os.PathLike)):
+        arr = load_token_file(tokens)
+        check_token_shapes([{"model": {"n_ctx": model.cfg.n_ctx}}], [path or "the model"], arr, tokens, samples,
+                           seq_len)
+        tokens, source = _rows(arr, samples, seq_len), str(tokens)
+    else:
+        tokens = torch.as_tensor(tokens)[:samples, :seq_len]
+        source = None
+    result = analyze_model(model, tokens, device=device, seed=seed, source=source,
+                           name=name or (path.name if path else None),
+                           checkpoint=str(path) if path else None, **options)
+    return Metrics(result)

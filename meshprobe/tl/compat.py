@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from meshprobe._tl import HookPoint
+from meshprobe.tl import HookPoint
 
 
 def run_hook(hook: HookPoint, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,7 @@ class TLModelSurface:
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
         """Sum of b_O (and b_out) of unrolled layers < layer (plus b_O of `layer` if mlp_input), as in
-        TransformerLens. Only meaningful where the residual is a plain sum (see meshprobe.decompose)."""
+        TransformerLens. Only meaningful where the residual is a plain sum (see meshprobe.tl.decompose)."""
         total = self.unembed.weight.new_zeros(self.cfg.d_model)
         for block in self.blocks[:layer]:
             total = total + block.attn.b_O + (block.mlp.b_out if include_mlp_biases else 0)

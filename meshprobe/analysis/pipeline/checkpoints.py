@@ -1,0 +1,116 @@
+"""Checkpoints in, files out: what ``meshprobe analyze`` runs (:func:`analyze_checkpoints`), and the one
+:func:`write_outputs` (metrics.json, report.md, figures, published atomically) that ``meshprobe figures`` uses too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import meshprobe
+from meshprobe import _io
+from meshprobe.analysis.pipeline.analyze import analyze_model, check_token_shapes, checkpoint_tokens, load_token_file
+from meshprobe.analysis.pipeline.schema import FORMAT, FORMAT_VERSION
+from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
+from meshprobe.errors import UserError
+from meshprobe.runtime import resolve_device
+
+__all__ = ["analyze_checkpoints", "write_outputs", "plot_analysis", "display_names", "safe_name"]
+
+
+def safe_name(name: str) -> str:
+    """A display name as a folder name."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "model"
+
+
+def display_names(names: str | None, paths: Sequence[Path]) -> list[str]:
+    """One display name per checkpoint: the comma-separated `names`, else the folder names (made distinct)."""
+    if names is not None:
+        out = [n.strip() for n in names.split(",")]
+        if len(out) != len(paths) or any(not n for n in out):
+            raise UserError(f"names= needs {len(paths)} non-empty comma-separated names, got {names!r}")
+        if len({safe_name(n) for n in out}) != len(out):
+            raise UserError(f"names= must be distinct (as folder names), got {names!r}")
+        return out
+    out, seen = [], {}
+    for p in paths:
+        base = p.resolve().name or "model"
+        k = seen.get(base, 0)
+        seen[base] = k + 1
+        out.append(base if k == 0 else f"{base}-{k + 1}")
+    return out
+
+
+def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                        names: str | None = None, samples: int | None = None, seq_len: int | None = None,
+                        data=None, tokens: str | os.PathLike | None = None, seed: int = 0, device: str = "auto",
+                        batch_size: int = 8, threads: int | None = None, lens_positions: int | None = 64,
+                        probes: bool = True, baseline: bool = True, offsets: Sequence[int] = DEFAULT_OFFSETS,
+                        max_classes: int = 64, l2_mode: str = "per_offset", progress: bool = True,
+                        on_result: Callable[[dict], None] | None = None) -> list[Path]:
+    """Analyse checkpoints and write ``out`` (metrics.json, report.md, figures; see :func:`write_outputs`).
+
+    Every checkpoint's config is checked before any work. Tokens (:func:`~meshprobe.analysis.pipeline.analyze.
+    checkpoint_tokens`): the rows of the ``tokens`` .npy file; else the checkpoint's own validation sample
+    (``val_tokens.npy``, shipped with bundled checkpoints) unless ``data`` is given; else ``samples`` windows of
+    ``seq_len`` tokens drawn with ``seed`` from the validation split of its corpus (or ``data``). ``on_result`` is called with each model's metrics as it finishes. Returns the files.
+    """
+    from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
+
+    paths = [Path(p) for p in checkpoints]
+    configs = [read_checkpoint_config(p) for p in paths]  # fail fast on a bad checkpoint, before any work
+    labels = display_names(names, paths)
+    dev = resolve_device(device)
+    token_file = load_token_file(tokens) if tokens else None
+    check_token_shapes(configs, paths, token_file, tokens, samples, seq_len)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out={out} exists and is not a folder")
+    results = []
+    for p, name in zip(paths, labels):
+        model = load_checkpoint(p, device=dev)
+        toks, source = checkpoint_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
+                                         seq_len=seq_len, seed=seed, data=data)
+        res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
+                            offsets=offsets, max_classes=max_classes, l2_mode=l2_mode, progress=progress,
+                            seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
+                            lens_positions=lens_positions)
+        results.append(res)
+        if on_result is not None:
+            on_result(res)
+        del model
+    return write_outputs(out, results, lambda tmp: plot_analysis(results, labels, tmp))
+
+
+def plot_analysis(results: list[dict], names: list[str], out_dir: Path) -> None:
+    """The figures of ``meshprobe analyze``: one model's figures, or the comparison plus each model's own
+    figures in ``<name>/``."""
+    from meshprobe.analysis.plots import diagnostics as plots
+
+    if len(results) == 1:
+        plots.plot_model(results[0], out_dir)
+        return
+    plots.plot_comparison(results, names, out_dir)
+    for res, name in zip(results, names):
+        plots.plot_model(res, out_dir / safe_name(name))
+
+
+def write_outputs(out: str | os.PathLike, models: list[dict], plot: Callable[[Path], Any],
+                  extra: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write an analysis folder: ``plot(folder)`` draws the figures (and any other files), then metrics.json
+    (``{"format", "version", "meshprobe_version", "models", **extra}``) and report.md. Everything is written
+    into a temp folder beside ``out`` and moved in only when complete, so a failure leaves earlier results
+    intact. Returns the files written."""
+    from meshprobe.analysis import report
+
+    out = Path(out)
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "meshprobe_version": meshprobe.__version__,
+           "models": models, **(extra or {})}
+    with _io.staging_dir(out) as tmp:
+        plot(tmp)
+        (tmp / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
+        report.write_report(doc, tmp / "report.md")
+        out.mkdir(parents=True, exist_ok=True)
+        return _io.move_into(tmp, out)
