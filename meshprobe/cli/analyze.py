@@ -1,5 +1,6 @@
-"""`meshprobe analyze CKPT [CKPT ...] --out DIR`: diagnostics, probes, router maps and lens -> figures + JSON.
+"""`meshprobe analyze CKPT [CKPT ...] [--out DIR]`: diagnostics, probes, router maps and lens -> figures + JSON.
 
+    meshprobe analyze checkpoints/loop3-mesh                    # -> runs/analyze/loop3-mesh
     meshprobe analyze checkpoints/tiny-mesh --out figures/tiny-mesh
     meshprobe analyze ckpt/base ckpt/anchor ckpt/mesh --out figures/cmp --names base,anchor,mesh --samples 500
 
@@ -15,9 +16,10 @@ last: a run killed at any instant leaves each file complete (old or new) and a m
 describes figures that are in DIR. Like ``meshprobe train``, the run holds the lock ``.DIR.lock`` beside the real
 DIR (a second run into DIR stops with exit 2) and removes the staging folders that killed runs left beside DIR.
 
-Tokens: ``--samples`` windows of ``--seq-len`` tokens drawn with ``--seed`` from the validation split of the
-checkpoint's training corpus (or ``--data``), tokenized with the checkpoint's tokenizer; or the rows of
-``--tokens FILE.npy`` (an integer array [N, seq]), used as they are. Windows drawn from the corpus do not
+Tokens: the rows of ``--tokens FILE.npy`` (an integer array [N, seq]), used as they are; else the
+checkpoint's own validation sample ``val_tokens.npy`` (bundled checkpoints ship one) unless ``--data`` is
+given; else ``--samples`` windows of ``--seq-len`` tokens drawn with ``--seed`` from the validation split of
+the checkpoint's training corpus (or ``--data``), tokenized with the checkpoint's tokenizer. Windows drawn from the corpus do not
 overlap (when the split is long enough); metrics.json reports the share of probe test windows that share a
 16-gram with a probe training window either way.
 
@@ -41,9 +43,12 @@ DEFAULT_SEQ_LEN = 256
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint directories")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (figures, metrics.json, report.md)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (figures, metrics.json, report.md; default runs/analyze/NAME, NAME the "
+                             "checkpoint folder's name, or NAME1+NAME2+... for several)")
     parser.add_argument("--samples", type=int, default=None,
-                        help=f"sequences to analyse (default {DEFAULT_SAMPLES}; with --tokens: all rows)")
+                        help=f"sequences to analyse (default {DEFAULT_SAMPLES}; with --tokens or a bundled "
+                             "val_tokens.npy: all rows)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"tokens per sequence (default {DEFAULT_SEQ_LEN}, at most the model context; "
                              "with --tokens: the file's)")
@@ -119,8 +124,16 @@ def _run_task(args) -> int:
     return 0
 
 
+def default_out(checkpoints: list[str]) -> str:
+    """runs/analyze/NAME (one checkpoint) or runs/analyze/NAME1+NAME2 (several), relative to the working folder."""
+    names = [Path(c).resolve().name or "model" for c in checkpoints]
+    return str(Path("runs") / "analyze" / "+".join(names))
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
+    if args.out is None:
+        args.out = default_out(args.checkpoints)
     if _is_task_run(args):
         return _run_task(args)
     from meshprobe.analysis.pipeline.checkpoints import analyze_checkpoints
