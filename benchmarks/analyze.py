@@ -55,19 +55,18 @@ def child(args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    an: list = []
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     res = analyze_model(model, tokens, batch_size=args.batch_size, device=device, probes=not args.no_probes,
                         baseline=not args.no_baseline, l2_mode=args.l2_mode, progress=False,
-                        threads=None if args.threads == 0 else args.threads, analyzer_out=an)
+                        threads=None if args.threads == 0 else args.threads)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"n": n, "seconds": seconds, "cpu_seconds": cpu, "rss_before_mib": before / 1024, "rss_peak_mib": after / 1024,
-           "rss_delta_mib": (after - before) / 1024, "accumulators_mib": an[0].nbytes / 2**20,
+           "rss_delta_mib": (after - before) / 1024, "accumulators_mib": res["data"]["accumulator_bytes"] / 2**20,
            "model": f"{model.cfg.layout} {model.cfg.variant} d{model.cfg.d_model}"}
     if device.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20

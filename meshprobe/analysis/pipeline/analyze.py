@@ -89,7 +89,7 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
                   name: str | None = None, checkpoint: str | None = None, source: str | None = None,
                   sigma_frac: float = 0.5, top: int = 50, offsets: Sequence[int] = DEFAULT_OFFSETS,
                   max_classes: int = 64, l2_mode: str = "per_offset", lens_positions: int | None = 64,
-                  threads: int | None = None, analyzer_out: list | None = None,
+                  threads: int | None = None,
                   probe_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run every analysis of this module on ``tokens`` [N, seq] (int) in one streaming pass; returns the
     per-model metrics dict (JSON-serializable, the ``models[]`` entry of metrics.json, see METRICS_KEYS).
@@ -102,7 +102,7 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
     ``threads``: torch CPU threads during the analysis (restored afterwards; ``None`` = leave as is). On a
     shared 2-core machine one thread was measured 3-5x faster than two for the whole analysis (OpenMP threads
     wait for each other whenever another process holds a core), so ``meshprobe analyze`` passes 1; results
-    differ between thread counts only in float rounding. ``analyzer_out``: if a list is given, the :class:`Analyzer` is appended to it.
+    differ between thread counts only in float rounding.
     ``probe_options``: further keywords of :class:`~meshprobe.analysis.probes.suite.ProbeSuite` (row caps etc.).
     """
     cfg = model.cfg
@@ -118,8 +118,6 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
     suite = ProbeSuite(spec, tokens, embedding=model.embed.weight, **probe_kw) if probes else None
     an = Analyzer(model, N, probe_suite=suite, seed=seed, sigma_frac=sigma_frac, top=top,
                   lens_positions=lens_positions)
-    if analyzer_out is not None:
-        analyzer_out.append(an)
     bar = None
     threads_ctx = torch_threads(threads) if device.type == "cpu" else nullcontext()
     if progress:
@@ -150,7 +148,8 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
         "checkpoint": None if checkpoint is None else str(checkpoint),
         "model": to_jsonable(_model_info(model)),
         "data": {"source": source or "tokens given to analyze_model", "n_samples": N, "seq_len": seq, "seed": seed,
-                 "batch_size": batch_size, "device": str(device), "seconds": round(time.time() - t0, 3)},
+                 "batch_size": batch_size, "device": str(device), "seconds": round(time.time() - t0, 3),
+                 "accumulator_bytes": an.nbytes},
     }
     result.update(out)
     return result

@@ -106,7 +106,10 @@ METRICS_KEYS: dict[str, str] = {
     "models[].data.seed": "sampling and probe seed (split, rows, random-init model)",
     "models[].data.batch_size": "sequences per forward",
     "models[].data.device": "device the analysis ran on",
-    "models[].data.seconds": "wall time of the analysis (s)",
+    "models[].data.seconds": "wall time of the analysis (s); null in `meshprobe figures` output, whose files are "
+                             "byte-identical from run to run",
+    "models[].data.accumulator_bytes": "size of the streaming accumulators after the last batch (the same for "
+                                       "every N once the probes' row caps bind)",
     "models[].states": "state names in forward order: h_emb, h^(0) ... h^(K), h_out (vanilla: h_emb, layer 1 ..., h_out)",
     "models[].blocks": "block names of the relative update: prelude, loop 1 ... loop K, coda (vanilla: layer 1 ...)",
     "models[].update": "relative update magnitude r(f, h) per block (paper Fig 1a / 3)",
