@@ -283,7 +283,13 @@ def checkpoint_tokens(model, path: str | os.PathLike | None, *, token_file: np.n
         raise UserError(f"{path or 'the model'} has no tokenizer.json and no {BUNDLED_TOKENS}: pass pre-tokenized "
                         "sequences (tokens)")
     spec = data if data else default_data_spec(model.checkpoint_config)
-    tokens = sample_tokens(model, samples, seq_len, seed, data=data, tokenizer=tokenizer)
+    try:
+        tokens = sample_tokens(model, samples, seq_len, seed, data=data, tokenizer=tokenizer)
+    except UserError as exc:
+        if data:
+            raise
+        raise UserError(f"{path}: its training corpus cannot be read here ({exc}); pass data (a corpus spec) or "
+                        "tokens (a .npy file)") from None
     return tokens, f"validation split of {spec if isinstance(spec, str) else ' + '.join(spec)}"
 
 
