@@ -24,6 +24,15 @@ overlap (when the split is long enough); metrics.json reports the share of probe
 16-gram with a probe training window either way.
 
 
+Transformers model directories (a config.json with ``model_type`` / ``architectures``; the looped LMs Dory,
+HRM-Text, Inkling-2 loop, Ouro, Huginn built in, any other with ``--loop-spec FILE.json``): every loop step is a
+state (``meshprobe.hf``); tokens from ``--data`` (default shakespeare) through the directory's own tokenizer, or
+``--tokens``. ``--loops K`` runs K loop steps instead of the config's; ``--trust-remote-code`` is needed for a
+model whose config maps to code in its directory (refused otherwise). The MeSH router analysis and the coda
+lens do not apply and are skipped (metrics.json ``notes`` says so).
+
+    meshprobe analyze path/to/dory --out figures/dory --loops 6
+
 Task checkpoints (trained with ``--data task:...``; or ``--data task:...`` given here): the ground-truth
 analyses instead (:mod:`meshprobe.analysis.ground_truth`: the t x t' latent map, retention, lens accuracy,
 patching) on ``--samples`` evaluation sequences (default 256) of ``--seed``, written as ``ground_truth.json``
@@ -76,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token-probe classes: the most frequent target types (default 64)")
     parser.add_argument("--names", default=None, help="comma-separated display names, one per checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    hf = parser.add_argument_group("transformers model directories")
+    hf.add_argument("--loop-spec", metavar="FILE.json", default=None,
+                    help="where the loop steps live (default: the built-in spec of the architecture)")
+    hf.add_argument("--loops", type=int, default=None, metavar="K",
+                    help="run K loop steps instead of the config's (test-time depth)")
+    hf.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a model directory's own modeling code (refused without this flag)")
 
 
 def _validate(args) -> None:
@@ -101,6 +117,46 @@ def _validate(args) -> None:
         raise UserError("--offsets must name at least one offset")
     if args.tokens and args.data:
         raise UserError("give --tokens or --data, not both")
+    if args.loops is not None and args.loops < 1:
+        raise UserError(f"--loops must be at least 1, got {args.loops}")
+
+
+def _hf_dirs(args) -> bool:
+    """True when the paths are transformers model directories (all of them; a mix is an error)."""
+    from meshprobe.hf.load import is_hf_dir
+
+    hf = [is_hf_dir(p) for p in args.checkpoints]
+    if any(hf) and not all(hf):
+        raise UserError("give either meshprobe checkpoints or transformers model directories, not both")
+    if not any(hf):
+        for flag, value in (("--loop-spec", args.loop_spec), ("--loops", args.loops),
+                            ("--trust-remote-code", args.trust_remote_code or None)):
+            if value is not None:
+                raise UserError(f"{flag} applies to transformers model directories only")
+    return all(hf)
+
+
+def _run_hf(args, done) -> int:
+    from meshprobe import _io
+    from meshprobe.analysis.hf_run import analyze_hf_dirs
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    real = _io.real_path(out)
+    with _io.created_parents(real), _io.out_lock(real, "analyze"):
+        for kind, _, _, folder in _io.leftovers(real):
+            if kind == "tmp":
+                _io.remove_dir(folder)
+        moved = analyze_hf_dirs(
+            args.checkpoints, real, spec=args.loop_spec, trust_remote_code=args.trust_remote_code, loops=args.loops,
+            names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data, tokens=args.tokens,
+            seed=args.seed, device=args.device, batch_size=args.batch_size,
+            threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
+            probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
+            max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done)
+    print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures)")
+    return 0
 
 
 def _is_task_run(args) -> bool:
@@ -130,19 +186,21 @@ def default_out(checkpoints: list[str]) -> str:
     return str(Path("runs") / "analyze" / "+".join(names))
 
 
+def _done(res: dict) -> None:
+    print(f"meshprobe analyze: {res['name']}: {res['data']['n_samples']} samples x {res['data']['seq_len']} "
+          f"tokens in {res['data']['seconds']:.1f} s", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
     if args.out is None:
         args.out = default_out(args.checkpoints)
+    if _hf_dirs(args):
+        return _run_hf(args, _done)
     if _is_task_run(args):
         return _run_task(args)
-    from meshprobe.analysis.pipeline.checkpoints import analyze_checkpoints
-
-    def done(res: dict) -> None:
-        print(f"meshprobe analyze: {res['name']}: {res['data']['n_samples']} samples x {res['data']['seq_len']} "
-              f"tokens in {res['data']['seconds']:.1f} s", file=sys.stderr)
-
     from meshprobe import _io
+    from meshprobe.analysis.pipeline.checkpoints import analyze_checkpoints
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -157,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
             tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
             threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
             probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
-            max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=done)
+            max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done)
     figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == real})
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures: "
           f"{', '.join(figs)})")

@@ -130,7 +130,7 @@ class HFLoopedModel(HookedRootModule):
         self.cfg = _model_config(model, spec, n_loops, n_inner)
         self.analysis_notes = [f"transformers model {spec.architecture}: states read through a loop spec "
                                f"({spec.notes or 'user spec'}); relative update of loop t = h^(t) -> h^(t+1); "
-                               "coda lens and random-init comparison of MeSH routers not applicable"]
+                               "coda lens skipped (the coda is not run on its own)"]
         self._active = False
         self._counts: dict[str, int] = defaultdict(int)
         self._handles: list = []

@@ -181,6 +181,7 @@ class Analyzer:
             "lens": {"states": spec.state_names, "positions": self._n_lens_positions, "loss": _ms(st.get("lens")), "coda_states": list(spec.lens_coda),
                      "coda_loss": _ms(st.get("lens_coda")), "model_loss": _ms(st.get("model_loss"))},
         }
+        notes += list(getattr(self.model, "analysis_notes", []))  # e.g. a wrapped transformers model
         if spec.kind == "vanilla":
             notes.append("vanilla model: states are h_emb and the residual stream after each layer "
                          "(blocks.{u}.hook_resid_post); relative update per layer; no coda lens")

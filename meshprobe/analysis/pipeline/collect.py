@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 from meshprobe.errors import UserError
-from meshprobe.hooks import MESH_HOOKS, mesh_steps, state_hooks
+from meshprobe.hooks import MESH_HOOKS, mesh_steps, recursive_state_hooks, state_hooks
 
 __all__ = ["StateSpec", "state_spec", "iter_caches"]
 
@@ -88,6 +88,8 @@ def state_spec(model_or_cfg) -> StateSpec:
     """The :class:`StateSpec` of a model (or its ``ModelConfig``); state names come from
     :func:`meshprobe.hooks.state_hooks`, see the module docstring for the blocks."""
     cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    if getattr(cfg, "is_hf", False):
+        return _hf_state_spec(cfg.n_loops)
     states = state_hooks(cfg)
     hooks = [h for _, h in states]
     if cfg.is_vanilla:
@@ -105,6 +107,18 @@ def state_spec(model_or_cfg) -> StateSpec:
         lens_coda=[name for name, _ in states[1:-1]], mesh_steps=steps,
         n_slots=int(cfg.mesh_slots or 0) if steps else 0,
     )
+
+
+def _hf_state_spec(K: int) -> StateSpec:
+    """A wrapped transformers looped LM (:mod:`meshprobe.hf`): the same states; each loop block is the step's
+    input h^(t) -> its output h^(t+1) (there is no separate f_core hook); prelude = h_emb -> h^(0), coda =
+    h^(K) -> h_out; no coda lens (the coda is not run on its own)."""
+    states = recursive_state_hooks(K)
+    core = [(t, f"loop.{t}.hook_state_in", f"loop.{t}.hook_state_out") for t in range(K)]
+    blocks = [("prelude", "hook_embed", "loop.0.hook_state_in")] + [(f"loop {t + 1}", a, b) for t, a, b in core]
+    blocks += [("coda", f"loop.{K - 1}.hook_state_out", "coda.hook_out")]
+    return StateSpec(kind="recursive", states=states, blocks=blocks, loop_states=[n for n, _ in states[2:-1]],
+                     core_steps=core)
 
 
 def check_tokens(tokens: torch.Tensor, cfg) -> torch.Tensor:

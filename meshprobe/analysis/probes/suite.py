@@ -224,7 +224,8 @@ def random_init_baseline(model, tokens: torch.Tensor, *, features: Sequence[str]
     device = device or next(model.parameters()).device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        rnd = build_model(model.cfg).to(device).eval()
+        fresh = getattr(model, "fresh_init", None)  # a wrapped transformers model builds its own
+        rnd = (fresh() if fresh is not None else build_model(model.cfg)).to(device).eval()
     spec = state_spec(rnd)
     feats = list(features) if features is not None else [spec.state_names[-2]]
     suite = ProbeSuite(spec, tokens, seed=seed, embedding=rnd.embed.weight, features=feats, increments=False,

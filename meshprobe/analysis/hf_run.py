@@ -1,0 +1,138 @@
+"""`meshprobe analyze` on transformers model directories (looped LMs wrapped by :mod:`meshprobe.hf`).
+
+The same pass as for meshprobe's own checkpoints (:func:`~meshprobe.analysis.run.analyze_model`, the same
+metrics.json keys and figures); what differs is how a model and its tokens are found: the model loads with
+:func:`meshprobe.hf.load` (built-in or user loop spec, remote code only when trusted, ``loops`` = test-time
+depth), and tokens come from ``tokens`` (a .npy file) or from the validation split of ``data`` (default
+shakespeare) encoded with the directory's own tokenizer. Analyses that need meshprobe's internals (MeSH
+routers, the coda lens) are skipped and metrics.json's ``notes`` say so.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from meshprobe.analysis.run import (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, analyze_model, display_names, load_token_file,
+                                    plot_analysis, write_outputs)
+from meshprobe.analysis.token_probes import DEFAULT_OFFSETS
+from meshprobe.errors import UserError
+from meshprobe.runtime import resolve_device
+
+__all__ = ["hf_sample_tokens", "analyze_hf_dirs"]
+
+CHUNK_CHARS = 100_000  # one tokenizer call per chunk (one huge string was measured to stall fast tokenizers)
+
+
+def _chunks(text: str, size: int = CHUNK_CHARS):
+    while len(text) > size:
+        cut = text.rfind("\n", 0, size)
+        cut = cut + 1 if cut > 0 else size
+        yield text[:cut]
+        text = text[cut:]
+    if text:
+        yield text
+
+
+def hf_sample_tokens(tokenizer, samples: int, seq_len: int, seed: int = 0, data=None, vocab_size: int | None = None
+                     ) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens from the validation split of ``data`` (a corpus spec, default
+    shakespeare) encoded with a transformers ``tokenizer`` (documents joined by its EOS id when it has one);
+    disjoint windows when the split is long enough (encoding stops at twice what they need)."""
+    from meshprobe.analysis.stats import sample_disjoint_windows
+    from meshprobe.data import open_corpus, sample_sequences
+
+    corpus = open_corpus(data or "shakespeare", quiet=True)
+    need, ids = 2 * samples * seq_len, []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for doc in corpus.documents("val"):
+        for piece in _chunks(doc):
+            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+        if len(ids) >= need:
+            break
+    if len(ids) < seq_len:
+        raise UserError(f"data {corpus.name}: only {len(ids)} val tokens, need at least seq_len = {seq_len}")
+    arr = np.asarray(ids, dtype=np.int64)
+    if vocab_size is not None and arr.max() >= vocab_size:
+        raise UserError(f"the tokenizer gives id {int(arr.max())}, the model has only {vocab_size} token ids")
+    if samples * seq_len <= len(arr):
+        return torch.from_numpy(sample_disjoint_windows(arr, samples, seq_len, seed))
+    return torch.from_numpy(sample_sequences(arr, samples, seq_len, seed))
+
+
+def _check(paths: list[Path], trust_remote_code: bool, spec, token_file, tokens_path, samples, seq_len):
+    """Every input validated before any model loads."""
+    from meshprobe.hf import as_spec, read_hf_config
+    from meshprobe.hf.load import remote_code_reason
+
+    for p in paths:
+        reason = remote_code_reason(read_hf_config(p))
+        if reason and not trust_remote_code:
+            raise UserError(f"{p}: {reason}; it runs only with --trust-remote-code")
+    if spec is not None:
+        as_spec(spec)
+    if token_file is not None:
+        if samples is not None and samples > token_file.shape[0]:
+            raise UserError(f"--samples {samples} but {tokens_path} has only {token_file.shape[0]} rows")
+        if seq_len is not None and seq_len > token_file.shape[1]:
+            raise UserError(f"--seq-len {seq_len} but {tokens_path} has only {token_file.shape[1]} tokens per row")
+
+
+def _tokens(model, path: Path, token_file, tokens_path, samples, seq_len, seed, data, trust_remote_code):
+    if token_file is not None:
+        rows = samples if samples is not None else token_file.shape[0]
+        cols = seq_len if seq_len is not None else token_file.shape[1]
+        tokens = torch.from_numpy(np.ascontiguousarray(token_file[:rows, :cols]).astype(np.int64))
+        return tokens, f"{tokens_path} (rows 0..{rows - 1}, {cols} tokens)"
+    from meshprobe.hf.load import load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise UserError(f"{path} has no tokenizer: pass pre-tokenized sequences with --tokens FILE.npy")
+    samples = samples if samples is not None else DEFAULT_SAMPLES
+    seq_len = seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, model.cfg.n_ctx)
+    tokens = hf_sample_tokens(tokenizer, samples, seq_len, seed, data, vocab_size=model.cfg.vocab_size)
+    spec = data or "shakespeare"
+    return tokens, f"validation split of {spec if isinstance(spec, str) else ' + '.join(spec)} (the model's tokenizer)"
+
+
+def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, spec=None,
+                    trust_remote_code: bool = False, loops: int | None = None, names: str | None = None,
+                    samples: int | None = None, seq_len: int | None = None, data=None,
+                    tokens: str | os.PathLike | None = None, seed: int = 0, device: str = "auto", batch_size: int = 8,
+                    threads: int | None = 1, lens_positions: int | None = 64, probes: bool = True,
+                    baseline: bool = True, offsets: Sequence[int] = DEFAULT_OFFSETS, max_classes: int = 64,
+                    l2_mode: str = "per_offset", progress: bool = True,
+                    on_result: Callable[[dict], None] | None = None) -> list[Path]:
+    """Analyse transformers model directories and write ``out`` like
+    :func:`~meshprobe.analysis.run.analyze_checkpoints` (metrics.json, report.md, figures). ``spec``: a loop
+    spec for every directory (default: the built-in one of each architecture); ``loops``: run every model with
+    this many loop steps. Returns the files written."""
+    from meshprobe.hf import load
+
+    paths = [Path(p) for p in dirs]
+    token_file = load_token_file(tokens) if tokens else None
+    _check(paths, trust_remote_code, spec, token_file, tokens, samples, seq_len)
+    labels = display_names(names, paths)
+    dev = resolve_device(device)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    results: list[dict[str, Any]] = []
+    for p, name in zip(paths, labels):
+        model = load(p, spec=spec, trust_remote_code=trust_remote_code, device=dev, loops=loops)
+        toks, source = _tokens(model, p, token_file, tokens, samples, seq_len, seed, data, trust_remote_code)
+        res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
+                            offsets=offsets, max_classes=max_classes, l2_mode=l2_mode, progress=progress,
+                            seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
+                            lens_positions=lens_positions)
+        results.append(res)
+        if on_result is not None:
+            on_result(res)
+        del model
+    return write_outputs(out, results, lambda tmp: plot_analysis(results, labels, tmp))
