@@ -182,7 +182,7 @@ class HFLoopedModel(HookedRootModule):
         """Logits of a state [..., d] through the spec's readout modules (the model's final norm and LM head),
         computed in the model's dtype and returned as float32."""
         mods = dict(self.hf.named_modules())
-        x = h.to(self.hf.dtype)
+        x = h.to(_param(self.hf).dtype)
         for name in self.spec.readout:
             x = mods[name](x)
         return x.float()
@@ -206,7 +206,8 @@ class HFLoopedModel(HookedRootModule):
 
     def fresh_init(self) -> "HFLoopedModel":
         """A freshly initialised model of the same class and config (torch's RNG), wrapped the same way."""
-        hf = type(self.hf)(copy.deepcopy(self.hf.config)).to(device=self.hf.device, dtype=self.hf.dtype).eval()
+        p = _param(self.hf)
+        hf = type(self.hf)(copy.deepcopy(self.hf.config)).to(device=p.device, dtype=p.dtype).eval()
         return HFLoopedModel(hf, self.spec, self.cfg.n_loops, self.cfg.n_inner)
 
     def remove_loop_hooks(self) -> None:
@@ -219,8 +220,8 @@ class HFLoopedModel(HookedRootModule):
     def _sites(self) -> list[tuple[str, str, str]]:
         """(role, module, read) of every call site."""
         s = self.spec
-        sites = [("embed", s.embed_module, "output"), ("in", s.loop_in_module, s.loop_in_read),
-                 ("out", s.loop_module, s.loop_read), ("final", s.final_module, s.final_read)]
+        sites = [("embed", s.embed_module, "output"), ("out", s.loop_module, s.loop_read),
+                 ("in", s.loop_in_module, s.loop_in_read), ("final", s.final_module, s.final_read)]
         if self.cfg.n_inner:
             sites += [("inner_in", s.inner_in_module, s.inner_in_read), ("inner_out", s.inner_module, s.inner_read)]
         sites += [(f"extra:{name}", mod, "output") for name, mod in s.extras.items()]
@@ -299,6 +300,10 @@ class HFLoopedModel(HookedRootModule):
                                 f"forward, expected {expect} ({self.cfg.n_loops} loop steps)")
 
 
+def _param(model: nn.Module) -> torch.Tensor:
+    return next(model.parameters())
+
+
 def _config_int(config, names) -> int | None:
     for name in names:
         v = getattr(config, name, None)
@@ -331,11 +336,12 @@ def _steps(config, field: str | None, what: str) -> int:
 def set_loops(model: nn.Module, spec: LoopSpec, loops: int) -> None:
     """Make ``model`` run ``loops`` steps: sets the spec's step-count config field, and the same attribute on
     any submodule that copied it at construction (Ouro keeps ``total_ut_steps`` on its base model). Models whose
-    step count is a forward argument (``steps_kwarg``) get it from the wrapper at every call."""
+    step count is a forward argument (``steps_kwarg``) get it from the wrapper at every call (their config is left
+    as it is)."""
     if not isinstance(loops, int) or isinstance(loops, bool) or loops < 1:
         raise UserError(f"loops must be a positive integer, got {loops!r}")
     field = spec.steps_field
-    if field is None:
+    if field is None or spec.steps_kwarg:
         return
     setattr(model.config, field, loops)
     for module in model.modules():

@@ -1,0 +1,126 @@
+"""Small stand-ins for the remote-code looped LMs (Ouro, Huginn / Raven): the module names and the order of
+calls of their published modeling code, nothing else (tiny MLP layers, no attention). Their specs in
+meshprobe.hf.spec are tested on these; the released models themselves are not run here."""
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+
+class Layer(nn.Module):
+    """A residual MLP that also mixes each position with the previous one (so positions interact)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.fc = nn.Linear(2 * d, d)
+
+    def forward(self, x, **kwargs):
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return x + torch.tanh(self.fc(torch.cat([x, prev], dim=-1)))
+
+
+class TupleLayer(Layer):
+    """Raven's SandwichBlock returns (x, attn_map)."""
+
+    def forward(self, x, *args, **kwargs):
+        return super().forward(x), None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class _LM(nn.Module):
+    def get_input_embeddings(self):
+        raise NotImplementedError
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+class OuroModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Layer(cfg.hidden_size) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size)
+        self.early_exit_gate = nn.Linear(cfg.hidden_size, 1)
+        self.total_ut_steps = cfg.total_ut_steps  # copied at construction, as the published code does
+
+    def forward(self, input_ids, **kwargs):
+        h = self.embed_tokens(input_ids)
+        states, gates = [], []
+        for current_ut in range(self.total_ut_steps):
+            for layer in self.layers:
+                h = layer(h, current_ut=current_ut)
+            h = self.norm(h)
+            states.append(h)
+            gates.append(self.early_exit_gate(h))
+        return h, states, gates
+
+
+class OuroForCausalLM(_LM):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = OuroModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def forward(self, input_ids=None, use_cache=None, **kwargs):
+        h, _, _ = self.model(input_ids)
+        return SimpleNamespace(logits=self.lm_head(h))
+
+
+def ouro_config(**kw):
+    return SimpleNamespace(**{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "total_ut_steps": 4,
+                              "max_position_embeddings": 64, **kw})
+
+
+class RavenForCausalLM(_LM):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        d = cfg.n_embd
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, d),
+            prelude=nn.ModuleList(TupleLayer(d) for _ in range(cfg.n_layers_in_prelude)),
+            adapter=nn.Linear(2 * d, d),
+            core_block=nn.ModuleList(TupleLayer(d) for _ in range(cfg.n_layers_in_recurrent_block)),
+            coda=nn.ModuleList(TupleLayer(d) for _ in range(cfg.n_layers_in_coda)),
+            ln_f=RMSNorm(d),
+        ))
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def forward(self, input_ids=None, num_steps=None, use_cache=False, **kwargs):
+        e = self.transformer.wte(input_ids)
+        for block in self.transformer.prelude:
+            e, _ = block(e)
+        steps = self.config.mean_recurrence if num_steps is None else int(num_steps)
+        x = torch.randn_like(e)  # random initial state
+        for _ in range(steps):
+            x = self.transformer.adapter(torch.cat([x, e], dim=-1))
+            for block in self.transformer.core_block:
+                x, _ = block(x)
+        x = self.transformer.ln_f(x)
+        for block in self.transformer.coda:
+            x, _ = block(x)
+        x = self.transformer.ln_f(x)
+        return SimpleNamespace(logits=self.lm_head(x))
+
+
+def raven_config(**kw):
+    return SimpleNamespace(**{"vocab_size": 50, "n_embd": 16, "n_layers_in_prelude": 1,
+                              "n_layers_in_recurrent_block": 4, "n_layers_in_coda": 2, "mean_recurrence": 6,
+                              "block_size": 64, **kw})
