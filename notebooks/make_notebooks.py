@@ -1,4 +1,4 @@
-"""Writes the five notebooks (outputs stripped). Edit here, then run: python notebooks/make_notebooks.py"""
+"""Writes the six notebooks (outputs stripped). Edit here, then run: python notebooks/make_notebooks.py"""
 from pathlib import Path
 
 import nbformat
@@ -191,6 +191,74 @@ NOTEBOOKS = {
                       '    "batch_size": 16, "eval_every": 10, "eval_batches": 2, "save_every": 0, "stop_acc": 0.99})\n'
                       'summary = mp.train(model_cfg, train_cfg, "nb_out/task-mesh", overwrite=True, quiet=True)\n'
                       'print({k: summary[k] for k in ("status", "step", "val_loss", "task_acc")})'),
+    ],
+    "06_published_looped_models.ipynb": [
+        new_markdown_cell("# 06 Published looped LMs (Hugging Face), loop step by loop step\n\n"
+                          "`meshprobe.hf` wraps a transformers looped language model (Dory, HRM-Text, Inkling-2 loop "
+                          "built in; Ouro and Huginn as remote code) and gives every loop step meshprobe's state hooks: "
+                          "`hook_embed`, `loop.{t}.hook_state_in`, `loop.{t}.hook_state_out`, `coda.hook_out` (h_out). "
+                          "With the weights on disk, the same cells run on a published model:\n\n"
+                          "```python\nmodel = hf.load(\"path/to/Ouro-1.4B\", trust_remote_code=True, dtype=\"bfloat16\", "
+                          "device=\"cuda\")\nmodel = hf.load(\"path/to/huginn-0125\", trust_remote_code=True, loops=32)\n```\n\n"
+                          "Here: a tiny random Dory built in the notebook (its numbers mean nothing; the workflow is the "
+                          "point). Remote code runs only with `trust_remote_code=True`."),
+        new_code_cell('import numpy as np, torch\n'
+                      'from transformers import DoryConfig, DoryForCausalLM\n'
+                      'from meshprobe import hf, hooks\n'
+                      'torch.set_num_threads(1)\ntorch.manual_seed(0)\n'
+                      'config = DoryConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,\n'
+                      '    num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_input_layers=1, n_output_layers=1,\n'
+                      '    n_recurrent_loops=3, sliding_window=8, max_position_embeddings=128)\n'
+                      'DoryForCausalLM(config).save_pretrained("nb_out/dory")   # a model directory, as downloaded\n'
+                      'model = hf.load("nb_out/dory")\n'
+                      'print(model.spec.architecture, "loop steps:", model.n_loops)\n'
+                      'print(model.spec.notes)\nprint(model.state_hook_names())'),
+        new_markdown_cell("## Cache every loop\n\nOne forward, every loop step's state (TransformerLens's bridges keep "
+                          "only the last step of a repeated module)."),
+        new_code_cell('tokens = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))\n'
+                      'logits, cache = model.run_with_cache(tokens)\n'
+                      'states = hooks.states(cache, model.n_loops)          # h_emb, h^(0), ..., h^(K), h_out\n'
+                      'print({k: tuple(v.shape) for k, v in states.items()})\n'
+                      'print(hooks.stack_iterations(cache, "hook_state_out").shape)   # [K, batch, seq, d]'),
+        new_markdown_cell("## The lens on every step\n\n`model.readout(h)` decodes a state through the model's own final "
+                          "norm and LM head: the next-token loss per state, and the KL between consecutive loop steps."),
+        new_code_cell('import torch.nn.functional as F\n'
+                      'target = tokens[:, 1:]\n'
+                      'logp = {name: F.log_softmax(model.readout(h[:, :-1]), -1) for name, h in states.items()}\n'
+                      'for name, lp in logp.items():\n'
+                      '    ce = F.nll_loss(lp.flatten(0, 1), target.flatten()).item()\n'
+                      '    print(f"{name:6s} lens loss {ce:.3f}")\n'
+                      'steps = [f"h^({t})" for t in range(1, model.n_loops + 1)]\n'
+                      'for a, b in zip(steps, steps[1:]):\n'
+                      '    kl = F.kl_div(logp[a], logp[b], log_target=True, reduction="batchmean").item() / logp[a].shape[1]\n'
+                      '    print(f"KL({b} || {a}) per token {kl:.2e}")'),
+        new_markdown_cell("## The diagnostics\n\nThe same streaming analysis as `meshprobe analyze DIR` (relative "
+                          "update per loop step, CKA between states, spectra, lens; the probes with `probes=True`)."),
+        new_code_cell('from meshprobe.analysis.run import analyze_model\n'
+                      'm = analyze_model(model, tokens, probes=False, progress=False, name="dory")\n'
+                      'for block, r in zip(m["blocks"], m["update"]["mean"]):\n'
+                      '    print(f"{block:8s} relative update {r:.3f}")\n'
+                      'print("consecutive-loop RBF CKA:", [round(m["cka"]["rbf"]["mean"][i][i + 1], 3) '
+                      'for i in range(1, len(m["states"]) - 2)])\n'
+                      'print(m["notes"][0])'),
+        new_markdown_cell("## Patch one loop step\n\nAdd noise to the state leaving step 1: everything before it is "
+                          "unchanged, everything after it moves."),
+        new_code_cell('def noisy(x, hook):\n    return x + 0.5 * torch.randn_like(x)\n'
+                      'with model.hooks(fwd_hooks=[("loop.1.hook_state_out", noisy)]):\n'
+                      '    patched_logits, patched = model.run_with_cache(tokens)\n'
+                      'for name in model.state_hook_names():\n'
+                      '    print(f"{name:22s} changed: {not torch.equal(patched[name], cache[name])}")\n'
+                      'print("max logit change:", (patched_logits - logits).abs().max().item())'),
+        new_markdown_cell("## Test-time depth\n\n`loops=K` (`--loops K` on the command line) runs K loop steps instead "
+                          "of the config's: what do extra loops do to the prediction?"),
+        new_code_cell('for K in (1, 3, 6):\n'
+                      '    deeper = hf.load("nb_out/dory", loops=K)\n'
+                      '    lg = deeper(tokens)\n'
+                      '    ce = F.cross_entropy(lg[:, :-1].flatten(0, 1), target.flatten()).item()\n'
+                      '    print(f"K = {K}: loss {ce:.4f}")\n'
+                      '# the same from the shell:\n'
+                      '#   meshprobe info nb_out/dory --loops 6\n'
+                      '#   meshprobe analyze nb_out/dory --out nb_out/dory-6 --tokens tokens.npy --loops 6'),
     ],
 }
 
