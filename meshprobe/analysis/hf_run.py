@@ -2,7 +2,7 @@
 
 The same pass as for meshprobe's own checkpoints (:func:`~meshprobe.analysis.run.analyze_model`, the same
 metrics.json keys and figures); what differs is how a model and its tokens are found: the model loads with
-:func:`meshprobe.hf.load` (built-in or user loop spec, remote code only when trusted, ``loops`` = test-time
+:func:`meshprobe.hf.loader.load` (built-in or user loop spec, remote code only when trusted, ``loops`` = test-time
 depth), and tokens come from ``tokens`` (a .npy file) or from the validation split of ``data`` (default
 shakespeare) encoded with the directory's own tokenizer. Analyses that need meshprobe's internals (MeSH
 routers, the coda lens) are skipped and metrics.json's ``notes`` say so.
@@ -20,6 +20,7 @@ from meshprobe.analysis.run import (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, analyze_mo
                                     plot_analysis, write_outputs)
 from meshprobe.analysis.token_probes import DEFAULT_OFFSETS
 from meshprobe.errors import UserError
+from meshprobe.hf.hooked import CTX_FIELDS as _CTX_FIELDS
 from meshprobe.runtime import resolve_device
 
 __all__ = ["hf_sample_tokens", "analyze_hf_dirs"]
@@ -68,12 +69,17 @@ def hf_sample_tokens(tokenizer, samples: int, seq_len: int, seed: int = 0, data=
 def _check(paths: list[Path], trust_remote_code: bool, spec, token_file, tokens_path, samples, seq_len):
     """Every input validated before any model loads."""
     from meshprobe.hf import as_spec, read_hf_config
-    from meshprobe.hf.load import remote_code_reason
+    from meshprobe.hf.loader import remote_code_reason
 
     for p in paths:
-        reason = remote_code_reason(read_hf_config(p))
+        config = read_hf_config(p)
+        n_ctx = next((config[k] for k in _CTX_FIELDS if isinstance(config.get(k), int)), None)
+        want = seq_len if seq_len is not None else (token_file.shape[1] if token_file is not None else None)
+        if n_ctx is not None and want is not None and want > n_ctx:
+            raise UserError(f"seq_len {want} is above the context of {p} ({n_ctx} positions)")
+        reason = remote_code_reason(config)
         if reason and not trust_remote_code:
-            raise UserError(f"{p}: {reason}; it runs only with --trust-remote-code")
+            raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     if spec is not None:
         as_spec(spec)
     if token_file is not None:
@@ -89,7 +95,7 @@ def _tokens(model, path: Path, token_file, tokens_path, samples, seq_len, seed, 
         cols = seq_len if seq_len is not None else token_file.shape[1]
         tokens = torch.from_numpy(np.ascontiguousarray(token_file[:rows, :cols]).astype(np.int64))
         return tokens, f"{tokens_path} (rows 0..{rows - 1}, {cols} tokens)"
-    from meshprobe.hf.load import load_tokenizer
+    from meshprobe.hf.loader import load_tokenizer
 
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if tokenizer is None:

@@ -123,7 +123,7 @@ def _validate(args) -> None:
 
 def _hf_dirs(args) -> bool:
     """True when the paths are transformers model directories (all of them; a mix is an error)."""
-    from meshprobe.hf.load import is_hf_dir
+    from meshprobe.hf.loader import is_hf_dir
 
     hf = [is_hf_dir(p) for p in args.checkpoints]
     if any(hf) and not all(hf):
@@ -136,10 +136,21 @@ def _hf_dirs(args) -> bool:
     return all(hf)
 
 
+def _refuse_remote_code(paths, trust: bool) -> None:
+    """A directory whose config maps to remote code needs --trust-remote-code (checked before anything loads)."""
+    from meshprobe.hf.loader import read_hf_config, remote_code_reason
+
+    for p in paths:
+        reason = remote_code_reason(read_hf_config(p))
+        if reason and not trust:
+            raise UserError(f"{p}: {reason}; it runs only with --trust-remote-code")
+
+
 def _run_hf(args, done) -> int:
     from meshprobe import _io
     from meshprobe.analysis.hf_run import analyze_hf_dirs
 
+    _refuse_remote_code(args.checkpoints, args.trust_remote_code)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")

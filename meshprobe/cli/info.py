@@ -28,11 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transformers model directory: allow its own modeling code (refused otherwise)")
 
 
+def _refuse_remote_code(paths, trust: bool) -> None:
+    """A directory whose config maps to remote code needs --trust-remote-code (checked before anything loads)."""
+    from meshprobe.hf.loader import read_hf_config, remote_code_reason
+
+    for p in paths:
+        reason = remote_code_reason(read_hf_config(p))
+        if reason and not trust:
+            raise UserError(f"{p}: {reason}; it runs only with --trust-remote-code")
+
+
 def _run_hf(args) -> int:
     from meshprobe.hf import load
 
     if args.loops is not None and args.loops < 1:
         raise UserError(f"--loops must be at least 1, got {args.loops}")
+    _refuse_remote_code([args.path], args.trust_remote_code)
     model = load(args.path, spec=args.loop_spec, trust_remote_code=args.trust_remote_code, loops=args.loops)
     cfg, spec = model.cfg, model.spec
     counts, state = model.parameter_counts(), model.state_hook_names()
@@ -59,7 +70,7 @@ def _run_hf(args) -> int:
 def run(args: argparse.Namespace) -> int:
     from meshprobe._io import real_path
     from meshprobe.checkpoint import load_checkpoint, load_tokenizer
-    from meshprobe.hf.load import is_hf_dir
+    from meshprobe.hf.loader import is_hf_dir
 
     if is_hf_dir(args.path):
         return _run_hf(args)

@@ -7,12 +7,12 @@
     model.readout(cache["loop.1.hook_state_out"])                   # the lens on h^(2)
 
 :mod:`~meshprobe.hf.spec` (where the loop steps live: :class:`LoopSpec`, the built-in specs),
-:mod:`~meshprobe.hf.wrap` (the hooks: :func:`wrap`), :mod:`~meshprobe.hf.load` (model directories, remote-code
+:mod:`~meshprobe.hf.hooked` (the hooks: :func:`wrap`), :mod:`~meshprobe.hf.loader` (model directories, remote-code
 refusal: :func:`load`).
 """
 from meshprobe.hf.spec import BUILTIN_ARCHITECTURES, LoopSpec, as_spec, builtin_spec
-from meshprobe.hf.wrap import HFLoopedModel, HFModelConfig, set_loops, wrap
-from meshprobe.hf.load import is_hf_dir, load, read_hf_config
+from meshprobe.hf.hooked import HFLoopedModel, HFModelConfig, set_loops, wrap
+from meshprobe.hf.loader import is_hf_dir, load, read_hf_config
 
 __all__ = ["BUILTIN_ARCHITECTURES", "HFLoopedModel", "HFModelConfig", "LoopSpec", "as_spec", "builtin_spec",
            "is_hf_dir", "load", "read_hf_config", "set_loops", "wrap"]

@@ -84,7 +84,7 @@ def _dtype(dtype):
 
 def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dtype=None, device=None,
          loops: int | None = None):
-    """Load the transformers model in ``path`` and :func:`~meshprobe.hf.wrap.wrap` it.
+    """Load the transformers model in ``path`` and :func:`~meshprobe.hf.hooked.wrap` it.
 
     ``spec``: a loop spec (LoopSpec, dict or JSON file; default: the built-in spec of the architecture).
     ``trust_remote_code``: allow the directory's own modeling code (refused otherwise, before anything of it is
@@ -97,7 +97,7 @@ def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dt
     config = read_hf_config(p)
     reason = remote_code_reason(config)
     if reason and not trust_remote_code:
-        raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True (--trust-remote-code)")
+        raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     _check_weights(p)
     spec = as_spec(spec) if spec is not None else None  # a bad spec fails before the weights load
     torch_dtype = _dtype(dtype)
@@ -116,7 +116,7 @@ def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dt
             hf_logging.enable_progress_bar()
     if device is not None:
         model = model.to(device)
-    from meshprobe.hf.wrap import wrap
+    from meshprobe.hf.hooked import wrap
 
     return wrap(model, spec, loops)
 
@@ -126,7 +126,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     p = Path(path)
     reason = remote_code_reason(read_hf_config(p))
     if reason and not trust_remote_code:
-        raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True (--trust-remote-code)")
+        raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer

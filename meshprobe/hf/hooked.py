@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from meshprobe._tl import HookedRootModule, HookPoint
+from meshprobe._tl import ActivationCache, HookedRootModule, HookPoint
 from meshprobe.errors import UserError
 from meshprobe.hf.spec import LoopSpec, as_spec, builtin_spec
 
 __all__ = ["HFLoopedModel", "HFModelConfig", "wrap", "set_loops"]
 
-_CTX_FIELDS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len", "seq_length")
+CTX_FIELDS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len", "seq_length")
 
 
 @dataclass
@@ -149,6 +149,13 @@ class HFLoopedModel(HookedRootModule):
             self.mod_dict[name] = module
             if isinstance(module, HookPoint):
                 self.hook_dict[name] = module
+
+    def run_with_cache(self, *args, **kwargs):
+        """TransformerLens's run_with_cache, the cache as an ``ActivationCache`` (indexable by hook name)."""
+        out, cache = super().run_with_cache(*args, **kwargs)
+        if isinstance(cache, ActivationCache):
+            return out, cache
+        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
     @property
     def n_loops(self) -> int:
@@ -320,7 +327,7 @@ def _model_config(model: nn.Module, spec: LoopSpec, n_loops: int, n_inner: int) 
     if out is not None and getattr(out, "weight", None) is not None:
         vocab = min(vocab, out.weight.shape[0])
     d = _config_int(config, ("hidden_size", "n_embd", "d_model")) or emb.weight.shape[1]
-    n_ctx = _config_int(config, _CTX_FIELDS) or 2048
+    n_ctx = _config_int(config, CTX_FIELDS) or 2048
     depth = _config_int(config, ("num_hidden_layers", "n_layers", "n_layer")) or 0
     return HFModelConfig(architecture=spec.architecture, n_loops=n_loops, n_inner=n_inner, d_model=d,
                          vocab_size=vocab, n_ctx=n_ctx, unrolled_depth=depth)
