@@ -124,3 +124,71 @@ def raven_config(**kw):
     return SimpleNamespace(**{"vocab_size": 50, "n_embd": 16, "n_layers_in_prelude": 1,
                               "n_layers_in_recurrent_block": 4, "n_layers_in_coda": 2, "mean_recurrence": 6,
                               "block_size": 64, **kw})
+
+
+REMOTE_CONFIG = '''from transformers import PretrainedConfig
+
+
+class OuroConfig(PretrainedConfig):
+    model_type = "ouro"
+
+    def __init__(self, vocab_size=50, hidden_size=16, num_hidden_layers=2, total_ut_steps=4,
+                 max_position_embeddings=64, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        self.total_ut_steps, self.max_position_embeddings = total_ut_steps, max_position_embeddings
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(**kwargs)
+'''
+
+REMOTE_MODEL = '''
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_ouro import OuroConfig
+
+
+class OuroForCausalLM(PreTrainedModel):
+    config_class = OuroConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = OuroModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, use_cache=None, **kwargs):
+        h, _, _ = self.model(input_ids)
+        return CausalLMOutputWithPast(logits=self.lm_head(h))
+'''
+
+
+def write_remote_ouro(folder, mark, seed=0):
+    """A model directory with remote code: the Ouro stand-in as modeling_ouro.py (which leaves `mark` when
+    imported), its config class, auto_map, and safetensors weights."""
+    import inspect
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)
+    model = OuroForCausalLM(ouro_config())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    src = "\n\n".join(inspect.getsource(c) for c in (Layer, RMSNorm, OuroModel))
+    head = f"open({str(mark)!r}, 'w').write('imported')\nimport torch\nfrom torch import nn\n\n"
+    (folder / "modeling_ouro.py").write_text(head + src + REMOTE_MODEL)
+    (folder / "configuration_ouro.py").write_text(REMOTE_CONFIG)
+    config = {"model_type": "ouro", "architectures": ["OuroForCausalLM"], "vocab_size": 50, "hidden_size": 16,
+              "num_hidden_layers": 2, "total_ut_steps": 4, "max_position_embeddings": 64,
+              "tie_word_embeddings": False, "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig",
+                                                         "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return model

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_standins import OuroForCausalLM, RavenForCausalLM, ouro_config, raven_config
+from hf_standins import OuroForCausalLM, RavenForCausalLM, ouro_config, raven_config, write_remote_ouro
 from meshprobe import hf, hooks
 from meshprobe.cli import main
 from meshprobe.errors import UserError
@@ -364,3 +364,29 @@ def test_pickle_weights_are_never_loaded(dirs, tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(UserError, match="no .safetensors weights .*pickle files are never loaded"):
         hf.load(d)
+
+
+@pytest.mark.slow
+def test_remote_code_runs_with_the_flag(tmp_path):
+    """The Ouro stand-in as remote code (auto_map + modeling_ouro.py): loaded only with --trust-remote-code, its
+    built-in spec applies, --loops reaches the step count the model copied at construction."""
+    import os
+    import subprocess
+    import sys
+
+    d, mark = tmp_path / "ouro", tmp_path / "IMPORTED"
+    write_remote_ouro(d, mark)
+    np.save(tmp_path / "tokens.npy", _tokens(4, 12, vocab=50).numpy())
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "hf-home")}
+    cmd = [sys.executable, "-m", "meshprobe", "analyze", str(d), "--out", str(tmp_path / "out"), "--tokens",
+           str(tmp_path / "tokens.npy"), "--no-probes", "--no-progress", "--loops", "3"]
+    with pytest.raises(UserError, match="trust_remote_code=True"):
+        hf.load(d)
+    assert not mark.exists()
+    done = subprocess.run(cmd + ["--trust-remote-code"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert mark.exists()
+    m = _metrics(tmp_path / "out")
+    assert m["model"]["layout"] == "OuroForCausalLM" and m["model"]["n_loops"] == 3
+    assert m["states"] == ["h_emb", "h^(0)", "h^(1)", "h^(2)", "h^(3)", "h_out"]
+    assert m["update"]["mean"][-1] == pytest.approx(0.0, abs=1e-6)  # Ouro: h_out is the last step's output

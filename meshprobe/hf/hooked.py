@@ -208,7 +208,7 @@ class HFLoopedModel(HookedRootModule):
             names.append(f"loop.{t}.hook_state_in")
             for s in range(self.cfg.n_inner):
                 names += [f"loop.{t}.inner.{s}.hook_state_in", f"loop.{t}.inner.{s}.hook_state_out"]
-            names += [f"loop.{t}.{e}" for e in self.spec.extras] + [f"loop.{t}.hook_state_out"]
+            names += [f"loop.{t}.hook_state_out"] + [f"loop.{t}.{e}" for e in self.spec.extras]
         return names + ["coda.hook_out"]
 
     def fresh_init(self) -> "HFLoopedModel":
