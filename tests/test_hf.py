@@ -168,6 +168,37 @@ def test_patching_one_step_changes_only_what_follows(kind, step):
     assert not torch.allclose(logits, clean_logits)
 
 
+def test_patching_inputs_read_by_pre_hooks():
+    """States read off a module's input (h^(t), h_out) are patched by replacing that input."""
+    w = hf.wrap(_build("dory"))
+    x = _tokens()
+    clean_logits, clean = w.run_with_cache(x)
+
+    def add(value, hook):
+        return value + 0.5
+
+    with w.hooks(fwd_hooks=[("loop.1.hook_state_in", add)]):
+        _, cache = w.run_with_cache(x)
+    torch.testing.assert_close(cache["loop.0.hook_state_out"], clean["loop.0.hook_state_out"], rtol=0, atol=0)
+    torch.testing.assert_close(cache["loop.1.hook_state_in"], clean["loop.1.hook_state_in"] + 0.5)
+    assert not torch.allclose(cache["loop.1.hook_state_out"], clean["loop.1.hook_state_out"])
+    logits = w.run_with_hooks(x, fwd_hooks=[("coda.hook_out", add)])
+    torch.testing.assert_close(logits, w.readout(clean["coda.hook_out"] + 0.5))
+    assert not torch.allclose(logits, clean_logits)
+
+
+def test_bfloat16_model_float32_cache(dirs):
+    w = hf.load(dirs["hrm"], dtype="bfloat16")
+    assert next(w.parameters()).dtype == torch.bfloat16
+    logits, cache = w.run_with_cache(_tokens())
+    assert cache["loop.1.hook_state_out"].dtype == torch.bfloat16
+    lens = w.readout(cache["coda.hook_out"].float())  # the analyses cache float32; the readout casts back
+    assert lens.dtype == torch.float32
+    torch.testing.assert_close(lens, logits.float())
+    with pytest.raises(UserError, match="dtype must be one of"):
+        hf.load(dirs["hrm"], dtype="float8")
+
+
 def test_loops_sets_the_step_count():
     torch.manual_seed(0)
     model = _hrm().eval()

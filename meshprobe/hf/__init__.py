@@ -1,6 +1,6 @@
 """Hugging Face looped language models, loop step by loop step.
 
-    from meshprobe import hf
+    from meshprobe import hf, hooks
     model = hf.load("path/to/Ouro-1.4B", trust_remote_code=True)   # or hf.wrap(a_loaded_transformers_model)
     logits, cache = model.run_with_cache(tokens)
     hooks.states(cache, model.n_loops)      # h_emb, h^(0), ..., h^(K), h_out
