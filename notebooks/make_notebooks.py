@@ -204,7 +204,7 @@ NOTEBOOKS = {
                           "point). Remote code runs only with `trust_remote_code=True`."),
         new_code_cell('import numpy as np, torch\n'
                       'from transformers import DoryConfig, DoryForCausalLM\n'
-                      'from meshprobe import hf, hooks\n'
+                      'import meshprobe as mp\nfrom meshprobe import hf\n'
                       'torch.set_num_threads(1)\ntorch.manual_seed(0)\n'
                       'config = DoryConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,\n'
                       '    num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_input_layers=1, n_output_layers=1,\n'
@@ -217,9 +217,9 @@ NOTEBOOKS = {
                           "only the last step of a repeated module)."),
         new_code_cell('tokens = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))\n'
                       'logits, cache = model.run_with_cache(tokens)\n'
-                      'states = hooks.states(cache, model.n_loops)          # h_emb, h^(0), ..., h^(K), h_out\n'
+                      'states = mp.states(cache)           # h_emb, h^(0), ..., h^(K), h_out\n'
                       'print({k: tuple(v.shape) for k, v in states.items()})\n'
-                      'print(hooks.stack_iterations(cache, "hook_state_out").shape)   # [K, batch, seq, d]'),
+                      'print(mp.stack_iterations(cache, "hook_state_out").shape)   # [K, batch, seq, d]'),
         new_markdown_cell("## The lens on every step\n\n`model.readout(h)` decodes a state through the model's own final "
                           "norm and LM head: the next-token loss per state, and the KL between consecutive loop steps."),
         new_code_cell('import torch.nn.functional as F\n'
@@ -234,8 +234,7 @@ NOTEBOOKS = {
                       '    print(f"KL({b} || {a}) per token {kl:.2e}")'),
         new_markdown_cell("## The diagnostics\n\nThe same streaming analysis as `meshprobe analyze DIR` (relative "
                           "update per loop step, CKA between states, spectra, lens; the probes with `probes=True`)."),
-        new_code_cell('from meshprobe.analysis.run import analyze_model\n'
-                      'm = analyze_model(model, tokens, probes=False, progress=False, name="dory")\n'
+        new_code_cell('m = mp.analyze(model, tokens, probes=False, progress=False, name="dory")\n'
                       'for block, r in zip(m["blocks"], m["update"]["mean"]):\n'
                       '    print(f"{block:8s} relative update {r:.3f}")\n'
                       'print("consecutive-loop RBF CKA:", [round(m["cka"]["rbf"]["mean"][i][i + 1], 3) '

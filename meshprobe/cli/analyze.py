@@ -148,7 +148,7 @@ def _refuse_remote_code(paths, trust: bool) -> None:
 
 def _run_hf(args, done) -> int:
     from meshprobe import _io
-    from meshprobe.analysis.hf_run import analyze_hf_dirs
+    from meshprobe.analysis.pipeline.hf_dirs import analyze_hf_dirs
 
     _refuse_remote_code(args.checkpoints, args.trust_remote_code)
     out = Path(args.out)

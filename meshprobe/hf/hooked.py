@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from meshprobe._tl import ActivationCache, HookedRootModule, HookPoint
+from meshprobe.tl import ActivationCache, HookedRootModule, HookPoint
 from meshprobe.errors import UserError
 from meshprobe.hf.spec import LoopSpec, as_spec, builtin_spec
 

@@ -1,6 +1,6 @@
 """`meshprobe analyze` on transformers model directories (looped LMs wrapped by :mod:`meshprobe.hf`).
 
-The same pass as for meshprobe's own checkpoints (:func:`~meshprobe.analysis.run.analyze_model`, the same
+The same pass as for meshprobe's own checkpoints (:func:`~meshprobe.analysis.pipeline.analyze.analyze_model`, the same
 metrics.json keys and figures); what differs is how a model and its tokens are found: the model loads with
 :func:`meshprobe.hf.loader.load` (built-in or user loop spec, remote code only when trusted, ``loops`` = test-time
 depth), and tokens come from ``tokens`` (a .npy file) or from the validation split of ``data`` (default
@@ -16,11 +16,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from meshprobe.analysis.run import (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, analyze_model, display_names, load_token_file,
-                                    plot_analysis, write_outputs)
-from meshprobe.analysis.token_probes import DEFAULT_OFFSETS
+from meshprobe.analysis.pipeline.analyze import (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, _rows, analyze_model,
+                                                 check_token_shapes, load_token_file)
+from meshprobe.analysis.pipeline.checkpoints import display_names, plot_analysis, write_outputs
+from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
 from meshprobe.errors import UserError
-from meshprobe.hf.hooked import CTX_FIELDS as _CTX_FIELDS
+from meshprobe.hf.hooked import CTX_FIELDS
 from meshprobe.runtime import resolve_device
 
 __all__ = ["hf_sample_tokens", "analyze_hf_dirs"]
@@ -71,35 +72,26 @@ def _check(paths: list[Path], trust_remote_code: bool, spec, token_file, tokens_
     from meshprobe.hf import as_spec, read_hf_config
     from meshprobe.hf.loader import remote_code_reason
 
-    for p in paths:
-        config = read_hf_config(p)
-        n_ctx = next((config[k] for k in _CTX_FIELDS if isinstance(config.get(k), int)), None)
-        want = seq_len if seq_len is not None else (token_file.shape[1] if token_file is not None else None)
-        if n_ctx is not None and want is not None and want > n_ctx:
-            raise UserError(f"seq_len {want} is above the context of {p} ({n_ctx} positions)")
+    configs = [read_hf_config(p) for p in paths]
+    for p, config in zip(paths, configs):
         reason = remote_code_reason(config)
         if reason and not trust_remote_code:
             raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     if spec is not None:
         as_spec(spec)
-    if token_file is not None:
-        if samples is not None and samples > token_file.shape[0]:
-            raise UserError(f"--samples {samples} but {tokens_path} has only {token_file.shape[0]} rows")
-        if seq_len is not None and seq_len > token_file.shape[1]:
-            raise UserError(f"--seq-len {seq_len} but {tokens_path} has only {token_file.shape[1]} tokens per row")
+    n_ctx = [next((c[k] for k in CTX_FIELDS if isinstance(c.get(k), int)), 1 << 40) for c in configs]
+    check_token_shapes([{"model": {"n_ctx": n}} for n in n_ctx], paths, token_file, tokens_path, samples, seq_len)
 
 
 def _tokens(model, path: Path, token_file, tokens_path, samples, seq_len, seed, data, trust_remote_code):
     if token_file is not None:
-        rows = samples if samples is not None else token_file.shape[0]
-        cols = seq_len if seq_len is not None else token_file.shape[1]
-        tokens = torch.from_numpy(np.ascontiguousarray(token_file[:rows, :cols]).astype(np.int64))
-        return tokens, f"{tokens_path} (rows 0..{rows - 1}, {cols} tokens)"
+        rows = _rows(token_file, samples, seq_len)
+        return rows, f"{tokens_path} (rows 0..{rows.shape[0] - 1}, {rows.shape[1]} tokens)"
     from meshprobe.hf.loader import load_tokenizer
 
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
-        raise UserError(f"{path} has no tokenizer: pass pre-tokenized sequences with --tokens FILE.npy")
+        raise UserError(f"{path} has no tokenizer: pass pre-tokenized sequences (tokens)")
     samples = samples if samples is not None else DEFAULT_SAMPLES
     seq_len = seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, model.cfg.n_ctx)
     tokens = hf_sample_tokens(tokenizer, samples, seq_len, seed, data, vocab_size=model.cfg.vocab_size)
@@ -111,12 +103,12 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
                     trust_remote_code: bool = False, loops: int | None = None, names: str | None = None,
                     samples: int | None = None, seq_len: int | None = None, data=None,
                     tokens: str | os.PathLike | None = None, seed: int = 0, device: str = "auto", batch_size: int = 8,
-                    threads: int | None = 1, lens_positions: int | None = 64, probes: bool = True,
+                    threads: int | None = None, lens_positions: int | None = 64, probes: bool = True,
                     baseline: bool = True, offsets: Sequence[int] = DEFAULT_OFFSETS, max_classes: int = 64,
                     l2_mode: str = "per_offset", progress: bool = True,
                     on_result: Callable[[dict], None] | None = None) -> list[Path]:
     """Analyse transformers model directories and write ``out`` like
-    :func:`~meshprobe.analysis.run.analyze_checkpoints` (metrics.json, report.md, figures). ``spec``: a loop
+    :func:`~meshprobe.analysis.pipeline.checkpoints.analyze_checkpoints` (metrics.json, report.md, figures). ``spec``: a loop
     spec for every directory (default: the built-in one of each architecture); ``loops``: run every model with
     this many loop steps. Returns the files written."""
     from meshprobe.hf import load
@@ -128,7 +120,7 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
     dev = resolve_device(device)
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
+        raise UserError(f"out={out} exists and is not a folder")
     results: list[dict[str, Any]] = []
     for p, name in zip(paths, labels):
         model = load(p, spec=spec, trust_remote_code=trust_remote_code, device=dev, loops=loops)
