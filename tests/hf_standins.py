@@ -20,10 +20,15 @@ class Layer(nn.Module):
 
 
 class TupleLayer(Layer):
-    """Raven's SandwichBlock returns (x, attn_map)."""
+    """Raven's SandwichBlock returns (x, attn_map) in some releases, x alone in others."""
+
+    def __init__(self, d, as_tuple=True):
+        super().__init__(d)
+        self.as_tuple = as_tuple
 
     def forward(self, x, *args, **kwargs):
-        return super().forward(x), None
+        x = super().forward(x)
+        return (x, None) if self.as_tuple else x
 
 
 class RMSNorm(nn.Module):
@@ -89,13 +94,13 @@ class RavenForCausalLM(_LM):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        d = cfg.n_embd
+        d, tup = cfg.n_embd, cfg.tuple_blocks
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, d),
-            prelude=nn.ModuleList(TupleLayer(d) for _ in range(cfg.n_layers_in_prelude)),
+            prelude=nn.ModuleList(TupleLayer(d, tup) for _ in range(cfg.n_layers_in_prelude)),
             adapter=nn.Linear(2 * d, d),
-            core_block=nn.ModuleList(TupleLayer(d) for _ in range(cfg.n_layers_in_recurrent_block)),
-            coda=nn.ModuleList(TupleLayer(d) for _ in range(cfg.n_layers_in_coda)),
+            core_block=nn.ModuleList(TupleLayer(d, tup) for _ in range(cfg.n_layers_in_recurrent_block)),
+            coda=nn.ModuleList(TupleLayer(d, tup) for _ in range(cfg.n_layers_in_coda)),
             ln_f=RMSNorm(d),
         ))
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
@@ -106,16 +111,16 @@ class RavenForCausalLM(_LM):
     def forward(self, input_ids=None, num_steps=None, use_cache=False, **kwargs):
         e = self.transformer.wte(input_ids)
         for block in self.transformer.prelude:
-            e, _ = block(e)
+            e = _first(block(e))
         steps = self.config.mean_recurrence if num_steps is None else int(num_steps)
         x = torch.randn_like(e)  # random initial state
         for _ in range(steps):
             x = self.transformer.adapter(torch.cat([x, e], dim=-1))
             for block in self.transformer.core_block:
-                x, _ = block(x)
+                x = _first(block(x))
         x = self.transformer.ln_f(x)
         for block in self.transformer.coda:
-            x, _ = block(x)
+            x = _first(block(x))
         x = self.transformer.ln_f(x)
         return SimpleNamespace(logits=self.lm_head(x))
 
@@ -123,7 +128,11 @@ class RavenForCausalLM(_LM):
 def raven_config(**kw):
     return SimpleNamespace(**{"vocab_size": 50, "n_embd": 16, "n_layers_in_prelude": 1,
                               "n_layers_in_recurrent_block": 4, "n_layers_in_coda": 2, "mean_recurrence": 6,
-                              "block_size": 64, **kw})
+                              "block_size": 64, "tuple_blocks": True, **kw})
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 REMOTE_CONFIG = '''from transformers import PretrainedConfig

@@ -225,6 +225,10 @@ def test_a_spec_that_does_not_fit_is_one_line():
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="unknown field"):
         hf.wrap(model, {**spec, "loop_modul": "x"})
+    with pytest.raises(UserError, match="readout must be a non-empty list"):
+        hf.wrap(model, {**spec, "readout": "lm_head"})
+    with pytest.raises(UserError, match="loop_read must be one of"):
+        hf.wrap(model, {**spec, "loop_read": "output[1]"})
     with pytest.raises(UserError, match="no built-in loop spec"):
         hf.wrap(_GenericLM())
 
@@ -268,9 +272,10 @@ def test_ouro_spec_on_a_stand_in():
     torch.testing.assert_close(w.readout(cache["coda.hook_out"]), logits)
 
 
-def test_huginn_spec_on_a_stand_in():
+@pytest.mark.parametrize("tuple_blocks", [True, False])
+def test_huginn_spec_on_a_stand_in(tuple_blocks):
     torch.manual_seed(0)
-    model = RavenForCausalLM(raven_config()).eval()
+    model = RavenForCausalLM(raven_config(tuple_blocks=tuple_blocks)).eval()
     x = _tokens(vocab=50)
     w = hf.wrap(model, loops=5)
     torch.manual_seed(3)  # the initial state is random: same seed, same run

@@ -96,18 +96,20 @@ def _write_input(args, kwargs, value):
 
 
 def _read_output(read: str, output):
+    if read == "auto" and isinstance(output, torch.Tensor):
+        return output
     if read == "output":
         if not isinstance(output, torch.Tensor):
             raise UserError(f"loop spec: read 'output' of a module that returns {type(output).__name__}; "
                             "use 'output[0]'")
         return output
     if not isinstance(output, (tuple, list)) or not output or not isinstance(output[0], torch.Tensor):
-        raise UserError(f"loop spec: read 'output[0]' of a module that returns {type(output).__name__}")
+        raise UserError(f"loop spec: read {read!r} of a module that returns {type(output).__name__}")
     return output[0]
 
 
 def _write_output(read: str, output, value):
-    if read == "output":
+    if read == "output" or isinstance(output, torch.Tensor):
         return value
     return type(output)([value, *output[1:]]) if isinstance(output, list) else (value, *output[1:])
 

@@ -14,7 +14,8 @@ A :class:`LoopSpec` names, by module path inside the transformers model (``model
   and per-step extras (``extras``: ``{hook name: module}``, the module's output at call t, e.g. Ouro's exit gate).
 
 How a value is read: ``"output"`` (the module returns a tensor), ``"output[0]"`` (the first element of a
-returned tuple), ``"input"`` (the first positional argument, else the ``hidden_states`` keyword).
+returned tuple), ``"auto"`` (the output if it is a tensor, else its first element: for code whose releases
+differ), ``"input"`` (the first positional argument, else the ``hidden_states`` keyword).
 
 Built-in specs (:func:`builtin_spec`) cover DoryForCausalLM, HrmTextForCausalLM and Inkling2LoopForCausalLM
 (built natively by transformers) and OuroForCausalLM and RavenForCausalLM (Huginn; remote code, their specs
@@ -32,7 +33,7 @@ from meshprobe.errors import UserError
 
 __all__ = ["LoopSpec", "READS", "as_spec", "builtin_spec", "BUILTIN_ARCHITECTURES"]
 
-READS = ("output", "output[0]", "input")
+READS = ("output", "output[0]", "auto", "input")
 
 
 @dataclass
@@ -61,14 +62,26 @@ class LoopSpec:
     notes: str = ""
 
     def __post_init__(self):
+        for name in ("loop_module", "embed_module", "final_module"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise UserError(f"loop spec: {name} must be a module name, got {getattr(self, name)!r}")
+        for name in ("loop_in_module", "inner_module", "inner_in_module", "steps_field", "steps_kwarg",
+                     "inner_steps_field"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise UserError(f"loop spec: {name} must be a string or null, got {getattr(self, name)!r}")
+        if not isinstance(self.extras, dict) or not all(isinstance(v, str) for v in self.extras.values()):
+            raise UserError("loop spec: extras must map hook names to module names")
+        if isinstance(self.final_call, bool) or not isinstance(self.final_call, int):
+            raise UserError(f"loop spec: final_call must be an integer, got {self.final_call!r}")
         for name in ("loop_read", "loop_in_read", "final_read", "inner_read", "inner_in_read"):
             if getattr(self, name) not in READS:
                 raise UserError(f"loop spec: {name} must be one of {', '.join(READS)}, got {getattr(self, name)!r}")
-        if not self.readout or not all(isinstance(r, str) and r for r in self.readout):
+        if not isinstance(self.readout, list) or not self.readout or not all(isinstance(r, str) and r
+                                                                            for r in self.readout):
             raise UserError("loop spec: readout must be a non-empty list of module names")
         if self.steps_field is None and self.steps_kwarg is None:
             raise UserError("loop spec: give steps_field (a config field) or steps_kwarg (a forward argument)")
-        if int(self.final_call) < 0:
+        if self.final_call < 0:
             raise UserError(f"loop spec: final_call must be >= 0, got {self.final_call}")
         if bool(self.inner_module) != bool(self.inner_steps_field):
             raise UserError("loop spec: inner_module and inner_steps_field go together")
@@ -155,21 +168,23 @@ def _ouro(config, n_loops: int) -> LoopSpec:
         steps_field="total_ut_steps", embed_module="model.embed_tokens", final_module="lm_head",
         readout=["lm_head"], extras={"hook_exit_logit": "model.early_exit_gate"},
         notes="each step runs all of model.layers then model.norm; loop.{t}.hook_exit_logit = early_exit_gate "
-              "logit of step t (exit distribution lambda_t = sigmoid); remote code, spec from the published "
-              "module layout")
+              "logit of step t (exit distribution lambda_t = sigmoid); h_out = lm_head's input, the last step's "
+              "state unless exit_at_step / early_exit_threshold make the model decode another step; remote "
+              "code, spec from the published module layout")
 
 
 def _raven(config, n_loops: int) -> LoopSpec:
     n_core = int(getattr(config, "n_layers_in_recurrent_block", 4))
     n_coda = int(getattr(config, "n_layers_in_coda", 2))
     return LoopSpec(
-        architecture="RavenForCausalLM", loop_module=f"transformer.core_block.{n_core - 1}", loop_read="output[0]",
+        architecture="RavenForCausalLM", loop_module=f"transformer.core_block.{n_core - 1}", loop_read="auto",
         loop_in_module="transformer.core_block.0", steps_field="mean_recurrence", steps_kwarg="num_steps",
-        embed_module="transformer.wte", final_module=f"transformer.coda.{n_coda - 1}", final_read="output[0]",
+        embed_module="transformer.wte", final_module=f"transformer.coda.{n_coda - 1}", final_read="auto",
         readout=["transformer.ln_f", "lm_head"],
         notes="h^(t) = adapter(concat(state, prelude output)), the core block's input; the initial state is "
-              "random (fix torch's seed to compare runs); h_out = coda output before ln_f; remote code, spec "
-              "from the published module layout")
+              "random (fix torch's seed to compare runs); an int num_steps runs every step under no_grad; "
+              "h_out = coda output before ln_f; blocks return a tensor or (tensor, attention) depending on the "
+              "release (read 'auto'); remote code, spec from the published module layout")
 
 
 _BUILTIN: dict[str, Callable[[Any, int], LoopSpec]] = {
