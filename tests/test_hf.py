@@ -347,6 +347,17 @@ def test_analyze_dory_with_its_tokenizer_probes_and_loops(dirs, tmp_path):
     assert "the model's tokenizer" in m["data"]["source"]
 
 
+def test_mp_analyze_on_a_directory(dirs):
+    import meshprobe as mp
+
+    m = mp.analyze(str(dirs["dory"]), samples=6, seq_len=12, probes=False, progress=False)
+    assert m["states"][-2] == "h^(3)" and m["model"]["layout"] == "DoryForCausalLM"
+    assert "the model's tokenizer" in m["data"]["source"] and m["name"] == "dory"
+    w = hf.load(dirs["hrm"])
+    m = mp.analyze(w, _tokens(4, 12), probes=False, progress=False)
+    assert m["model"]["n_loops"] == 2 and m["checkpoint"] == str(dirs["hrm"])
+
+
 def test_analyze_flags_for_hf_dirs_only(dirs, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

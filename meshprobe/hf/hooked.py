@@ -133,6 +133,8 @@ class HFLoopedModel(HookedRootModule):
         self.analysis_notes = [f"transformers model {spec.architecture}: states read through a loop spec "
                                f"({spec.notes or 'user spec'}); relative update of loop t = h^(t) -> h^(t+1); "
                                "coda lens skipped (the coda is not run on its own)"]
+        self.checkpoint_dir = None  # the model directory, when loaded by meshprobe.hf.load
+        self.trust_remote_code = False
         self._active = False
         self._counts: dict[str, int] = defaultdict(int)
         self._handles: list = []

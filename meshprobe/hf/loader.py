@@ -118,7 +118,9 @@ def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dt
         model = model.to(device)
     from meshprobe.hf.hooked import wrap
 
-    return wrap(model, spec, loops)
+    wrapped = wrap(model, spec, loops)
+    wrapped.checkpoint_dir, wrapped.trust_remote_code = p, bool(trust_remote_code)  # for its tokenizer
+    return wrapped
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):

@@ -324,7 +324,8 @@ def analyze(model, tokens=None, *, samples: int | None = None, seq_len: int | No
             seed: int = 0, device: str | torch.device | None = None, name: str | None = None, **options) -> Metrics:
     """Analyze a model, the notebook way: ``mp.analyze("checkpoints/loop3-mesh")`` -> :class:`Metrics`.
 
-    ``model``: a loaded model or a checkpoint folder (loaded on ``device``, default CPU). ``tokens``: an
+    ``model``: a loaded model or a checkpoint folder (loaded on ``device``, default CPU), or a transformers
+    looped LM (a folder, or a model from :func:`meshprobe.hf.load`: tokens through its own tokenizer). ``tokens``: an
     integer tensor / array [N, seq], a ``.npy`` path, or None: then :func:`checkpoint_tokens` picks them
     (the checkpoint's own ``val_tokens.npy``, else ``samples`` windows of ``seq_len`` from its corpus or
     ``data``). ``samples`` / ``seq_len`` also cut a given token array. Every other keyword goes to
@@ -334,11 +335,17 @@ def analyze(model, tokens=None, *, samples: int | None = None, seq_len: int | No
     path = None
     if isinstance(model, (str, os.PathLike)):
         from meshprobe.checkpoint import load_checkpoint
+        from meshprobe.hf.loader import is_hf_dir, load
 
-        path, model = Path(model), load_checkpoint(model, device=device or "cpu")
+        loader = load if is_hf_dir(model) else load_checkpoint  # a transformers looped LM (meshprobe.hf)
+        path, model = Path(model), loader(model, device=device or "cpu")
     elif getattr(model, "checkpoint_dir", None) is not None:
         path = Path(model.checkpoint_dir)
-    if tokens is None:
+    if tokens is None and getattr(model.cfg, "is_hf", False):
+        from meshprobe.analysis.pipeline.hf_dirs import dir_tokens
+
+        tokens, source = dir_tokens(model, path, samples=samples, seq_len=seq_len, seed=seed, data=data)
+    elif tokens is None:
         tokens, source = checkpoint_tokens(model, path, samples=samples, seq_len=seq_len, seed=seed, data=data)
     elif isinstance(tokens, (str, os.PathLike)):
         arr = load_token_file(tokens)

@@ -24,7 +24,7 @@ from meshprobe.errors import UserError
 from meshprobe.hf.hooked import CTX_FIELDS
 from meshprobe.runtime import resolve_device
 
-__all__ = ["hf_sample_tokens", "analyze_hf_dirs"]
+__all__ = ["hf_sample_tokens", "dir_tokens", "analyze_hf_dirs"]
 
 CHUNK_CHARS = 100_000  # one tokenizer call per chunk (one huge string was measured to stall fast tokenizers)
 
@@ -83,15 +83,19 @@ def _check(paths: list[Path], trust_remote_code: bool, spec, token_file, tokens_
     check_token_shapes([{"model": {"n_ctx": n}} for n in n_ctx], paths, token_file, tokens_path, samples, seq_len)
 
 
-def _tokens(model, path: Path, token_file, tokens_path, samples, seq_len, seed, data, trust_remote_code):
+def dir_tokens(model, path: Path | None, *, token_file=None, tokens_path=None, samples: int | None = None,
+               seq_len: int | None = None, seed: int = 0, data=None) -> tuple[torch.Tensor, str]:
+    """``(tokens [N, seq], where they came from)`` for a wrapped transformers model: the rows of ``token_file``,
+    else ``samples`` windows (default 500) of ``seq_len`` tokens (default min(256, context)) from the validation
+    split of ``data`` (default shakespeare) through the tokenizer in ``path`` (its model directory)."""
     if token_file is not None:
         rows = _rows(token_file, samples, seq_len)
         return rows, f"{tokens_path} (rows 0..{rows.shape[0] - 1}, {rows.shape[1]} tokens)"
     from meshprobe.hf.loader import load_tokenizer
 
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code) if path is not None else None
     if tokenizer is None:
-        raise UserError(f"{path} has no tokenizer: pass pre-tokenized sequences (tokens)")
+        raise UserError(f"{path or 'the model'} has no tokenizer: pass pre-tokenized sequences (tokens)")
     samples = samples if samples is not None else DEFAULT_SAMPLES
     seq_len = seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, model.cfg.n_ctx)
     tokens = hf_sample_tokens(tokenizer, samples, seq_len, seed, data, vocab_size=model.cfg.vocab_size)
@@ -124,7 +128,8 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
     results: list[dict[str, Any]] = []
     for p, name in zip(paths, labels):
         model = load(p, spec=spec, trust_remote_code=trust_remote_code, device=dev, loops=loops)
-        toks, source = _tokens(model, p, token_file, tokens, samples, seq_len, seed, data, trust_remote_code)
+        toks, source = dir_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
+                                  seq_len=seq_len, seed=seed, data=data)
         res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
                             offsets=offsets, max_classes=max_classes, l2_mode=l2_mode, progress=progress,
                             seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
