@@ -402,6 +402,22 @@ def test_remote_code_is_refused_without_the_flag(tmp_path, capsys, auto_map):
     assert not mark.exists() and not out.exists()
 
 
+def test_a_remote_tokenizer_is_refused_too(dirs, tmp_path):
+    import shutil
+
+    from meshprobe.hf.loader import load_tokenizer
+
+    d = tmp_path / "dory"
+    shutil.copytree(dirs["dory"], d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": ["tok.T", None]}}))
+    (d / "tok.py").write_text(f"open({str(tmp_path / 'IMPORTED')!r}, 'w')\n")
+    with pytest.raises(UserError, match="tokenizer maps to remote code"):
+        load_tokenizer(d)
+    assert main(["analyze", str(d), "--out", str(tmp_path / "out"), "--samples", "4", "--seq-len", "8"]) == 2
+    assert not (tmp_path / "IMPORTED").exists() and not (tmp_path / "out").exists()
+
+
 def test_pickle_weights_are_never_loaded(dirs, tmp_path):
     import shutil
 

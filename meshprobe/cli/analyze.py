@@ -136,12 +136,12 @@ def _hf_dirs(args) -> bool:
     return all(hf)
 
 
-def _refuse_remote_code(paths, trust: bool) -> None:
+def _refuse_remote_code(paths, trust: bool, tokens=None) -> None:
     """A directory whose config maps to remote code needs --trust-remote-code (checked before anything loads)."""
-    from meshprobe.hf.loader import read_hf_config, remote_code_reason
+    from meshprobe.hf.loader import read_hf_config, remote_code_reason, tokenizer_remote_reason
 
     for p in paths:
-        reason = remote_code_reason(read_hf_config(p))
+        reason = remote_code_reason(read_hf_config(p)) or (None if tokens else tokenizer_remote_reason(p))
         if reason and not trust:
             raise UserError(f"{p}: {reason}; it runs only with --trust-remote-code")
 
@@ -150,7 +150,7 @@ def _run_hf(args, done) -> int:
     from meshprobe import _io
     from meshprobe.analysis.pipeline.hf_dirs import analyze_hf_dirs
 
-    _refuse_remote_code(args.checkpoints, args.trust_remote_code)
+    _refuse_remote_code(args.checkpoints, args.trust_remote_code, args.tokens)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")

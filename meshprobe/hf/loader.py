@@ -15,7 +15,7 @@ from typing import Any
 
 from meshprobe.errors import UserError
 
-__all__ = ["is_hf_dir", "read_hf_config", "remote_code_reason", "load", "load_tokenizer"]
+__all__ = ["is_hf_dir", "read_hf_config", "remote_code_reason", "tokenizer_remote_reason", "load", "load_tokenizer"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -123,6 +123,18 @@ def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dt
     return wrapped
 
 
+def tokenizer_remote_reason(path: str | os.PathLike) -> str | None:
+    """Why the directory's tokenizer needs remote code (``auto_map`` in tokenizer_config.json), or None."""
+    f = Path(path) / "tokenizer_config.json"
+    if not f.is_file():
+        return None
+    try:
+        mapped = json.loads(f.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise UserError(f"{f}: not a readable JSON object") from None
+    return "its tokenizer maps to remote code (auto_map in tokenizer_config.json)" if mapped else None
+
+
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     """The model directory's own tokenizer (``AutoTokenizer``, local files only), or None if it has none."""
     p = Path(path)
@@ -131,6 +143,9 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
         raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
+    reason = tokenizer_remote_reason(p)
+    if reason and not trust_remote_code:
+        raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     from transformers import AutoTokenizer
 
     try:

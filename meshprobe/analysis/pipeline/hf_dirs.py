@@ -70,11 +70,11 @@ def hf_sample_tokens(tokenizer, samples: int, seq_len: int, seed: int = 0, data=
 def _check(paths: list[Path], trust_remote_code: bool, spec, token_file, tokens_path, samples, seq_len):
     """Every input validated before any model loads."""
     from meshprobe.hf import as_spec, read_hf_config
-    from meshprobe.hf.loader import remote_code_reason
+    from meshprobe.hf.loader import remote_code_reason, tokenizer_remote_reason
 
     configs = [read_hf_config(p) for p in paths]
     for p, config in zip(paths, configs):
-        reason = remote_code_reason(config)
+        reason = remote_code_reason(config) or (tokenizer_remote_reason(p) if token_file is None else None)
         if reason and not trust_remote_code:
             raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     if spec is not None:
