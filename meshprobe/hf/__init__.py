@@ -10,9 +10,9 @@
 :mod:`~meshprobe.hf.hooked` (the hooks: :func:`wrap`), :mod:`~meshprobe.hf.loader` (model directories, remote-code
 refusal: :func:`load`).
 """
-from meshprobe.hf.spec import BUILTIN_ARCHITECTURES, LoopSpec, as_spec, builtin_spec
 from meshprobe.hf.hooked import HFLoopedModel, HFModelConfig, set_loops, wrap
 from meshprobe.hf.loader import is_hf_dir, load, read_hf_config
+from meshprobe.hf.spec import BUILTIN_ARCHITECTURES, LoopSpec, as_spec, builtin_spec
 
 __all__ = ["BUILTIN_ARCHITECTURES", "HFLoopedModel", "HFModelConfig", "LoopSpec", "as_spec", "builtin_spec",
            "is_hf_dir", "load", "read_hf_config", "set_loops", "wrap"]

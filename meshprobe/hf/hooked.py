@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from meshprobe.tl import ActivationCache, HookedRootModule, HookPoint
 from meshprobe.errors import UserError
 from meshprobe.hf.spec import LoopSpec, as_spec, builtin_spec
+from meshprobe.tl import ActivationCache, HookedRootModule, HookPoint
 
-__all__ = ["HFLoopedModel", "HFModelConfig", "wrap", "set_loops"]
+__all__ = ["HFLoopedModel", "HFModelConfig", "set_loops", "wrap"]
 
 CTX_FIELDS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len", "seq_length")
 
@@ -130,9 +130,9 @@ class HFLoopedModel(HookedRootModule):
         self.loop = nn.ModuleList(_Step(n_inner, spec.extras) for _ in range(n_loops))
         self.coda = _Coda()
         self.cfg = _model_config(model, spec, n_loops, n_inner)
-        self.analysis_notes = [f"transformers model {spec.architecture}: states read through a loop spec "
-                               f"({spec.notes or 'user spec'}); relative update of loop t = h^(t) -> h^(t+1); "
-                               "coda lens skipped (the coda is not run on its own)"]
+        self.analysis_notes = [(f"transformers model {spec.architecture}: states read through a loop spec "
+                                f"({spec.notes or 'user spec'}); relative update of loop t = h^(t) -> h^(t+1); "
+                                "coda lens skipped (the coda is not run on its own)")]
         self.checkpoint_dir = None  # the model directory, when loaded by meshprobe.hf.load
         self.trust_remote_code = False
         self._active = False
@@ -215,7 +215,7 @@ class HFLoopedModel(HookedRootModule):
             names += [f"loop.{t}.hook_state_out"] + [f"loop.{t}.{e}" for e in self.spec.extras]
         return names + ["coda.hook_out"]
 
-    def fresh_init(self) -> "HFLoopedModel":
+    def fresh_init(self) -> HFLoopedModel:
         """A freshly initialised model of the same class and config (torch's RNG), wrapped the same way."""
         p = _param(self.hf)
         hf = type(self.hf)(copy.deepcopy(self.hf.config)).to(device=p.device, dtype=p.dtype).eval()

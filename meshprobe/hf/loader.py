@@ -15,7 +15,7 @@ from typing import Any
 
 from meshprobe.errors import UserError
 
-__all__ = ["is_hf_dir", "read_hf_config", "remote_code_reason", "tokenizer_remote_reason", "load", "load_tokenizer"]
+__all__ = ["is_hf_dir", "load", "load_tokenizer", "read_hf_config", "remote_code_reason", "tokenizer_remote_reason"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
 

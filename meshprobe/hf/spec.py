@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from meshprobe.errors import UserError
 
-__all__ = ["LoopSpec", "READS", "as_spec", "builtin_spec", "BUILTIN_ARCHITECTURES"]
+__all__ = ["BUILTIN_ARCHITECTURES", "READS", "LoopSpec", "as_spec", "builtin_spec"]
 
 READS = ("output", "output[0]", "auto", "input")
 

@@ -10,8 +10,9 @@ routers, the coda lens) are skipped and metrics.json's ``notes`` say so.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from meshprobe.errors import UserError
 from meshprobe.hf.hooked import CTX_FIELDS
 from meshprobe.runtime import resolve_device
 
-__all__ = ["hf_sample_tokens", "dir_tokens", "analyze_hf_dirs"]
+__all__ = ["analyze_hf_dirs", "dir_tokens", "hf_sample_tokens"]
 
 CHUNK_CHARS = 100_000  # one tokenizer call per chunk (one huge string was measured to stall fast tokenizers)
 
@@ -112,9 +113,9 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
                     l2_mode: str = "per_offset", progress: bool = True,
                     on_result: Callable[[dict], None] | None = None) -> list[Path]:
     """Analyse transformers model directories and write ``out`` like
-    :func:`~meshprobe.analysis.pipeline.checkpoints.analyze_checkpoints` (metrics.json, report.md, figures). ``spec``: a loop
-    spec for every directory (default: the built-in one of each architecture); ``loops``: run every model with
-    this many loop steps. Returns the files written."""
+    :func:`~meshprobe.analysis.pipeline.checkpoints.analyze_checkpoints` (metrics.json, report.md, figures).
+    ``spec``: a loop spec for every directory (default: the built-in one of each architecture); ``loops``: run
+    every model with this many loop steps. Every input is checked before any model loads. Returns the files."""
     from meshprobe.hf import load
 
     paths = [Path(p) for p in dirs]
