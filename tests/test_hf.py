@@ -316,6 +316,23 @@ def test_info_on_saved_directories(dirs, capsys):
     assert "loop.1.inner.2.hook_state_out" in capsys.readouterr().out
 
 
+def test_loop_spec_file_on_the_command_line(dirs, tmp_path, capsys):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(dirs["dory"])
+    spec = hf.builtin_spec("DoryForCausalLM", config, 3).to_dict()
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({**spec, "notes": "my spec"}))
+    bad.write_text(json.dumps({**spec, "loop_module": "model.layers.7"}))
+    assert main(["info", str(dirs["dory"]), "--json", "--loop-spec", str(good)]) == 0
+    assert json.loads(capsys.readouterr().out)["loop_spec"]["notes"] == "my spec"
+    out = tmp_path / "out"
+    assert main(["analyze", str(dirs["dory"]), "--out", str(out), "--loop-spec", str(bad), "--tokens",
+                 str(dirs["tokens"]), "--no-probes", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no module 'model.layers.7'" in err and len(err.splitlines()) == 1
+
+
 def _metrics(out):
     return json.loads((out / "metrics.json").read_text())["models"][0]
 
@@ -342,6 +359,10 @@ def test_analyze_dory_with_its_tokenizer_probes_and_loops(dirs, tmp_path):
                  "--seq-len", "16", "--loops", "5", "--no-progress", "--offsets", "0"]) == 0
     m = _metrics(out)
     assert m["model"]["n_loops"] == 5 and len(m["states"]) == 5 + 3
+    from meshprobe.analysis.pipeline.schema import METRICS_KEYS, metric_key_paths
+
+    doc = json.loads((out / "metrics.json").read_text())
+    assert metric_key_paths(doc) - set(METRICS_KEYS) == set()  # the same keys as for meshprobe's own models
     assert m["probes"]["loop_step"] is not None  # the loop-step probe over the 5 steps
     assert m["probes"]["random_init"]["features"] == ["h^(5)"]
     assert "the model's tokenizer" in m["data"]["source"]
