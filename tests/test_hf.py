@@ -125,6 +125,14 @@ def test_states_equal_the_loop_body_call_by_call(kind):
     torch.testing.assert_close(again, ref, rtol=0, atol=0)
 
 
+def test_the_lens_inside_a_hook_does_not_disturb_the_count():
+    w = hf.wrap(_build("dory"))  # model.norm is both in the readout and the site of h_out
+    seen = []
+    w.run_with_hooks(_tokens(), fwd_hooks=[(lambda n: n.endswith("hook_state_out"),
+                                            lambda x, hook: seen.append(w.readout(x).shape))])
+    assert len(seen) == 3
+
+
 def test_each_state_hook_fires_once_per_step():
     w = hf.wrap(_build("hrm"))
     fired = []

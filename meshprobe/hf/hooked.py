@@ -191,11 +191,15 @@ class HFLoopedModel(HookedRootModule):
 
     def readout(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of a state [..., d] through the spec's readout modules (the model's final norm and LM head),
-        computed in the model's dtype and returned as float32."""
+        computed in the model's dtype and returned as float32. Safe inside a hook: these calls are not counted."""
         mods = dict(self.hf.named_modules())
         x = h.to(_param(self.hf).dtype)
-        for name in self.spec.readout:
-            x = mods[name](x)
+        active, self._active = self._active, False
+        try:
+            for name in self.spec.readout:
+                x = mods[name](x)
+        finally:
+            self._active = active
         return x.float()
 
     def parameter_counts(self) -> dict[str, int]:
