@@ -127,10 +127,13 @@ def test_states_equal_the_loop_body_call_by_call(kind):
 
 def test_the_lens_inside_a_hook_does_not_disturb_the_count():
     w = hf.wrap(_build("dory"))  # model.norm is both in the readout and the site of h_out
+    x = _tokens()
+    _, clean = w.run_with_cache(x)
     seen = []
-    w.run_with_hooks(_tokens(), fwd_hooks=[(lambda n: n.endswith("hook_state_out"),
-                                            lambda x, hook: seen.append(w.readout(x).shape))])
+    with w.hooks(fwd_hooks=[(lambda n: n.endswith("hook_state_out"), lambda h, hook: seen.append(w.readout(h)))]):
+        _, cache = w.run_with_cache(x)
     assert len(seen) == 3
+    torch.testing.assert_close(cache["coda.hook_out"], clean["coda.hook_out"], rtol=0, atol=0)
 
 
 def test_each_state_hook_fires_once_per_step():
