@@ -69,7 +69,7 @@ def table_row(hook_name: str) -> tuple[str, str, str]:
 
 
 def hook_table_markdown() -> str:
-    """The markdown table of hook names that the README embeds (tests check the README is in step)."""
+    """The markdown table of hook names that docs/hooks.md embeds (a test checks the page is in step)."""
     lines = ["| hook name | tensor | shape |", "|---|---|---|"]
     lines += [f"| `{name}` | {what} | {shape} |" for name, what, shape in HOOK_TABLE]
     return "\n".join(lines)
