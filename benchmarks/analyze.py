@@ -2,7 +2,7 @@
 
     python benchmarks/analyze.py                       # N = 100, 500, 2000 on a tiny-shaped random MeSH model
     python benchmarks/analyze.py --ns 100,500 --variant base --no-probes
-    python benchmarks/analyze.py --ckpt checkpoints/tiny-mesh      # a real checkpoint and its validation text
+    python benchmarks/analyze.py --ckpt checkpoints/loop3-base --ns 500   # a checkpoint on its validation sample
 
 Each N runs in a fresh Python process so the peaks do not mix. Reported per N:
 
@@ -14,6 +14,9 @@ Each N runs in a fresh Python process so the peaks do not mix. Reported per N:
   retained pages; tracemalloc is not used because it does not see torch's tensor memory);
 * ``accumulators``: ``Analyzer.nbytes``, the bytes held by the streaming accumulators at the end;
 * on CUDA also ``torch.cuda.max_memory_allocated`` during the analysis.
+
+With ``--ckpt`` the tokens are those `meshprobe analyze` would use: the checkpoint's own ``val_tokens.npy`` when
+it ships one (the bundled checkpoints: 500 x 128), else windows of its validation split (``--seq-len``, 256).
 
 The default model is the `tiny` shape (ModelConfig defaults: d_model 128, 4 heads, vocab 8192, n_ctx 256,
 layout 1+2R2+1, i.e. 6 unrolled layers) with random weights; tokens are random ids with a Zipf-like frequency
@@ -36,19 +39,20 @@ def child(args) -> dict:
     import torch
 
     from meshprobe import ModelConfig, build_model, load_checkpoint
-    from meshprobe.analysis.pipeline.analyze import analyze_model, sample_tokens
+    from meshprobe.analysis.pipeline.analyze import analyze_model, checkpoint_tokens
 
     device = torch.device(args.device)
     n = args.n
     if args.ckpt:
         model = load_checkpoint(args.ckpt, device=device)
-        tokens = sample_tokens(args.ckpt, n, args.seq_len, seed=0)
+        tokens, _ = checkpoint_tokens(model, args.ckpt, samples=n, seq_len=args.seq_len, seed=0)
     else:
         torch.manual_seed(0)
-        cfg = ModelConfig(variant=args.variant, layout=args.layout, d_model=args.d_model, n_ctx=args.seq_len)
+        seq_len = args.seq_len or 256
+        cfg = ModelConfig(variant=args.variant, layout=args.layout, d_model=args.d_model, n_ctx=seq_len)
         model = build_model(cfg).to(device).eval()
         g = torch.Generator().manual_seed(1)
-        ranks = torch.distributions.Exponential(1 / 300.0).sample((n, args.seq_len)).long()
+        ranks = torch.distributions.Exponential(1 / 300.0).sample((n, seq_len)).long()
         perm = torch.randperm(cfg.vocab_size, generator=g)
         tokens = perm[ranks.clamp(max=cfg.vocab_size - 1)]
     if device.type == "cuda":
@@ -67,7 +71,7 @@ def child(args) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"n": n, "seconds": seconds, "cpu_seconds": cpu, "rss_before_mib": before / 1024, "rss_peak_mib": after / 1024,
            "rss_delta_mib": (after - before) / 1024, "accumulators_mib": res["data"]["accumulator_bytes"] / 2**20,
-           "model": f"{model.cfg.layout} {model.cfg.variant} d{model.cfg.d_model}"}
+           "model": f"{model.cfg.layout} {model.cfg.variant} d{model.cfg.d_model}", "seq_len": tokens.shape[1]}
     if device.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if args.metrics_out:
@@ -83,7 +87,8 @@ def main() -> None:
     ap.add_argument("--variant", default="mesh")
     ap.add_argument("--layout", default="1+2R2+1")
     ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per sequence (default 256; with --ckpt: its val_tokens.npy's width, else 256)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--device", default="cpu")
@@ -101,7 +106,8 @@ def main() -> None:
     for n in (int(x) for x in args.ns.split(",")):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--n", str(n)]
         for flag in ("variant", "layout", "d_model", "seq_len", "batch_size", "threads", "device"):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         if args.ckpt:
             cmd += ["--ckpt", args.ckpt]
         if args.no_probes:
@@ -115,7 +121,7 @@ def main() -> None:
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"N={n}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
     cuda = any("cuda_peak_mib" in r for r in rows)
-    print(f"\n`analyze_model` on {rows[0]['model']}, seq_len {args.seq_len}, batch {args.batch_size}, "
+    print(f"\n`analyze_model` on {rows[0]['model']}, seq_len {rows[0]['seq_len']}, batch {args.batch_size}, "
           f"probes {'off' if args.no_probes else 'on'}, baseline {'off' if args.no_baseline else 'on'}, "
           f"l2 {args.l2_mode}, load average {os.getloadavg()[0]:.2f}, device {args.device}, threads {args.threads}; "
           f"{platform.machine()}, {os.cpu_count()} CPUs\n")
