@@ -46,6 +46,7 @@ SIZES = [
     (r"^meshprobe analyze ", "--samples 6 --no-probes --no-progress"),
     (r"^meshprobe figures", "--samples 4 --no-probes --no-progress --out {out}/figures"),
     (r"^meshprobe (info|data) ", ""),
+    (r"^python -c ", ""),  # one-liners that make a small input (a tiny model, a token file)
     (r"^meshprobe zoo .*--list", ""),  # training a zoo takes hours: mark such blocks skipped
     (r"^python benchmarks/hooks\.py", "--repeats 1 --batch 1 --seq 32"),
     (r"^python benchmarks/train_throughput\.py", "--steps 1 --warmup 0 --repeats 1 --batch 2 --seq 32"),
