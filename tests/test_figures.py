@@ -22,6 +22,27 @@ def test_figures_from_bundled_checkpoints(tmp_path):
     assert "Table 1 analogue" in (out / "tables.md").read_text()
 
 
+@pytest.mark.slow
+def test_figures_are_byte_identical_whatever_the_thread_count(tmp_path):
+    """Probes included: their fits are where a second thread used to move numbers in the third decimal."""
+    import filecmp
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"threads-{threads}"
+        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        subprocess.run([sys.executable, "-m", "meshprobe", "figures", "--checkpoints", str(CHECKPOINTS), "--out",
+                        str(out), "--samples", "8", "--no-progress"], env=env, check=True, capture_output=True)
+        outs.append(out)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert len(files) > 50 and files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    differ = [str(f) for f in files if not filecmp.cmp(outs[0] / f, outs[1] / f, shallow=False)]
+    assert differ == []
+
+
 def test_figures_needs_a_bundle(tmp_path, capsys):
     assert main(["figures", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
     assert "zoo.json" in capsys.readouterr().err

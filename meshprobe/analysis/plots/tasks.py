@@ -11,6 +11,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from meshprobe._io import atomic_path
+
 VARIANT_ORDER = ["vanilla", "base", "anchor", "mesh"]
 COLORS = {"vanilla": "tab:gray", "base": "tab:blue", "anchor": "tab:green", "mesh": "tab:red"}
 
@@ -109,7 +111,8 @@ def plot_task(rows: list[dict], analyses: dict[str, dict], path: Path, title: st
     fig.tight_layout()
     path = Path(path)
     files = [path.with_suffix(".png"), path.with_suffix(".pdf")]
-    for f in files:
-        fig.savefig(f, dpi=120)
+    for f in files:  # atomically, and no creation date in the PDF: regenerated files are byte-identical
+        with atomic_path(f) as tmp:
+            fig.savefig(tmp, format=f.suffix[1:], dpi=120, metadata={"CreationDate": None} if f.suffix == ".pdf" else None)
     plt.close(fig)
     return files
