@@ -115,11 +115,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """The JSON value of a file a user gave (or damaged); one-line UserError naming it when it cannot be read,
+    is not UTF-8 JSON, or is nested too deeply for Python's parser (a RecursionError otherwise)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a {what}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (not UTF-8: invalid byte at offset {exc.start})") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
 def is_complete(folder: Path, marker: str) -> bool:
     """True when `folder/marker` (the file a writer puts last) is a complete JSON object."""
     try:
-        return isinstance(json.loads((folder / marker).read_text(encoding="utf-8")), dict)
-    except (OSError, ValueError):
+        return isinstance(read_json(folder / marker), dict)
+    except UserError:
         return False
 
 
@@ -294,19 +312,31 @@ def out_lock(out: str | os.PathLike, command: str):
 
 def read_jsonl(path: str | os.PathLike, max_step: int | None = None) -> list[dict]:
     """Records of a JSONL file (``[]`` if it does not exist), keeping those with ``step <= max_step``; stops
-    at a torn last line (a crash while appending)."""
+    at a torn last line (a crash while appending). One-line UserError naming the file when it is a folder, not
+    UTF-8, or holds a record that is not an object with an integer ``step`` (when there is one)."""
     path = Path(path)
     records: list[dict] = []
-    if not path.is_file():
+    if not os.path.lexists(path):
         return records
-    for line in path.read_text(encoding="utf-8").splitlines():
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a JSONL file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             break
-        if max_step is None or rec.get("step", 0) <= max_step:
+        step = rec.get("step", 0) if isinstance(rec, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise UserError(f"{path}:{lineno}: expected a JSON object with an integer step, got {line[:60]!r}")
+        if max_step is None or step <= max_step:
             records.append(rec)
     return records
 

@@ -110,11 +110,9 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     if not path.is_dir() or not config_path.is_file():
         raise CheckpointError(f"{given} is not a meshprobe checkpoint (no {CONFIG_FILE} in it)")
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{config_path}: cannot read ({exc.strerror})") from None
+        config = _io.read_json(config_path)
+    except UserError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise CheckpointError(f"{config_path}: not a meshprobe checkpoint config (format != {FORMAT!r})")
     version = config.get("format_version", 0)

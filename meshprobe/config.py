@@ -22,6 +22,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from meshprobe.checks import check_fits
 from meshprobe.errors import UserError
 
 SUPPLEMENT_TERMS = ("residual", "anchor", "anchor_emb")  # canonical order of '+' terms
@@ -271,22 +272,9 @@ def estimated_parameters(cfg: "ModelConfig") -> int:
     return 12 * cfg.d_model ** 2 * stored + 2 * cfg.vocab_size * cfg.d_model
 
 
-def machine_memory() -> int | None:
-    """Physical memory of this machine in bytes (None where the OS does not say)."""
-    import os
-
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return None
-
-
 def check_memory(cfg: "ModelConfig", bytes_per_param: int, what: str, available: int | None = None) -> None:
     """Refuse a model whose estimated parameters times `bytes_per_param` (plus its rotary tables) exceed
     `available` bytes (default: this machine's memory)."""
-    available = machine_memory() if available is None else available
     need = estimated_parameters(cfg) * bytes_per_param + 2 * 4 * cfg.n_ctx * cfg.rotary_dims
-    if available and need > available:
-        raise UserError(f"the model ({cfg.layout}, d_model {cfg.d_model}, vocab {cfg.vocab_size}, n_ctx "
-                        f"{cfg.n_ctx}) needs about {need / 2**30:.1f} GiB for {what}, more than the "
-                        f"{available / 2**30:.1f} GiB here")
+    check_fits(need, f"the model ({cfg.layout}, d_model {cfg.d_model}, vocab {cfg.vocab_size}, n_ctx {cfg.n_ctx}) "
+                     f"for {what}", available)

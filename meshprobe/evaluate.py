@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from meshprobe.checks import check_fits
 from meshprobe.errors import UserError
 from meshprobe.runtime import all_reduce_, autocast_for, resolve_device
 
@@ -134,6 +135,12 @@ def sample_loss(model, tokens: np.ndarray, batch_size: int = 50) -> float:
     return total / count
 
 
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise UserError(f"{name}={value}: must be at least 1")
+
+
 def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] | None = None,
                         batches: int | None = None, batch_size: int | None = None, seq_len: int | None = None,
                         device: str = "auto", split: str = "val") -> dict:
@@ -158,13 +165,13 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
         raise UserError(f"{path} has no tokenizer.json; cannot tokenize evaluation text")
     spec = data_spec if data_spec else tcfg.get("data", "shakespeare")
     n_ctx = config["model"]["n_ctx"]
-    seq_len = seq_len or tcfg.get("seq_len") or n_ctx
+    seq_len = seq_len if seq_len is not None else (tcfg.get("seq_len") or n_ctx)
+    batch_size = batch_size if batch_size is not None else (tcfg.get("batch_size") or 16)
+    batches = batches if batches is not None else (tcfg.get("eval_batches") or 50)
+    _check_positive(batches=batches, batch_size=batch_size, seq_len=seq_len)
     if seq_len > n_ctx:
         raise UserError(f"seq_len {seq_len} is above the model context n_ctx={n_ctx}")
-    batch_size = batch_size or tcfg.get("batch_size") or 16
-    batches = batches if batches is not None else (tcfg.get("eval_batches") or 50)
-    if batches < 1 or batch_size < 1 or seq_len < 1:
-        raise UserError("batches, batch size and seq_len must be positive")
+    check_fits(2 * 8 * batch_size * seq_len, f"a batch of {batch_size} x {seq_len} tokens (batch_size)")
     if split not in ("train", "val"):
         raise UserError(f"split must be train or val, not {split!r}")
     dev = resolve_device(device)
@@ -194,10 +201,10 @@ def task_checkpoint_eval(path, meta: dict, data_spec, batches, batch_size, devic
     if split != "val":
         raise UserError("a task has no train split to evaluate: sequences are generated (use --split val)")
     tcfg = meta.get("train", {}) or {}
-    batch_size = batch_size or tcfg.get("batch_size") or 32
+    batch_size = batch_size if batch_size is not None else (tcfg.get("batch_size") or 32)
     batches = batches if batches is not None else (tcfg.get("eval_batches") or 16)
-    if batches < 1 or batch_size < 1:
-        raise UserError("batches and batch size must be positive")
+    _check_positive(batches=batches, batch_size=batch_size)
+    check_fits(8 * 4 * batches * batch_size * spec.n_ctx, f"{batches} x {batch_size} task sequences")
     dev = resolve_device(device)
     res = evaluate_task(load_checkpoint(path, device=dev), spec, batches * batch_size, dev, chunk=256)
     return {"checkpoint": str(path), "data": spec.spec_string(), "split": split, "loss": res["val_loss"],

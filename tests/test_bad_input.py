@@ -33,15 +33,20 @@ def env(tmp_path_factory):
     corpus, preset = write_tiny_text_run(root)
     mp = pytest.MonkeyPatch()
     mp.setenv("MESHPROBE_CACHE", str(root / "cache"))
-    good = root / "good"
+    good, task = root / "good", root / "task"
     assert main(["train", "--config", str(preset), "--out", str(good), "--quiet"]) == 0
-    yield {"root": root, "preset": preset, "corpus": corpus, "good": good, "cache": root / "cache"}
+    assert main(["train", "--config", str(preset), "--out", str(task), "--data", "task:phop:hops=1,symbols=4,seq_len=8",
+                 "--steps", "1", "--quiet"]) == 0
+    yield {"root": root, "preset": preset, "corpus": corpus, "good": good, "task": task, "cache": root / "cache"}
     mp.undo()
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.is_dir(), None if p.is_dir() else p.read_bytes(), p.stat().st_mode)
-            for p in sorted(root.rglob("*"))}
+    def entry(p: Path):
+        if p.is_symlink():
+            return "link", os.readlink(p)
+        return p.is_dir(), None if p.is_dir() else p.read_bytes(), p.stat().st_mode
+    return {str(p.relative_to(root)): entry(p) for p in sorted(root.rglob("*"))}
 
 
 def one_error(capsys, command: str) -> str:
@@ -99,6 +104,12 @@ DAMAGE = {  # name -> (damage(checkpoint folder), a phrase of the message)
                                 "at most 1024"),
     "config n_ctx 1e9": (_edit_json("config.json", lambda d: d["model"].update(n_ctx=10 ** 9)), "n_ctx"),
     "tokenizer malformed": (_write("tokenizer.json", '{"version": "1.0", "model": 3}'), "tokenizer"),
+    "config nested 100000 deep": (_write("config.json", "[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    "log not utf-8": (_write("train_log.jsonl", b'{"type": "train", "step": 1}\n\xff\xfe\n'), "not UTF-8"),
+    "log record of wrong types": (_write("train_log.jsonl", '{"type": "train", "step": "three"}\n'), "step"),
+    "log a folder": (lambda ck: ((ck / "train_log.jsonl").unlink(), (ck / "train_log.jsonl").mkdir()), "folder"),
+    "optimizer tensor missing": (lambda ck: _resave(ck / "optimizer.safetensors",
+                                                     lambda t: t.pop("state.0.exp_avg_sq")), "exp_avg_sq"),
 }
 
 
@@ -121,7 +132,7 @@ def test_resume_of_a_damaged_checkpoint(env, case, tmp_path, capsys):
 
 
 INFO_CASES = ["weights truncated", "weights wrong shape", "config corrupt", "config d_model 1e9",
-              "config layout 1e9 loops", "config n_ctx 1e9", "tokenizer malformed"]
+              "config layout 1e9 loops", "config n_ctx 1e9", "tokenizer malformed", "config nested 100000 deep"]
 
 
 @pytest.mark.parametrize("case", INFO_CASES)
@@ -216,7 +227,8 @@ def test_lock_follows_the_real_folder(env, tmp_path, capsys):
         assert main(["train", "--config", str(env["preset"]), "--out", str(tmp_path / "link"), "--resume",
                      "--steps", "3", "--quiet"]) == 2
         assert "another meshprobe train process" in one_error(capsys, "train")
-        assert main(["analyze", str(real), "--out", str(tmp_path / "link"), "--samples", "2", "--seq-len", "8"]) == 2
+        assert main(["analyze", str(env["good"]), "--out", str(tmp_path / "link"), "--samples", "2",
+                     "--seq-len", "8"]) == 2
         assert "another meshprobe analyze process" in one_error(capsys, "analyze")
         assert snapshot(tmp_path) == before
     finally:
@@ -267,3 +279,167 @@ def test_unknown_top_level_config_key_warns_once_and_goes_on(env, tmp_path, caps
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "warning" in err[0] and "future_feature" in err[0]
     assert json.loads(captured.out)["config"]["d_model"] == 16
+
+
+# --------------------------------------------------------------------------------------------- train data
+DATA_FILES = {  # name -> (file name, bytes, a phrase of the message)
+    "empty .txt": ("empty.txt", b"", "no text"),
+    "binary .txt": ("binary.txt", bytes(range(256)) * 20, "not UTF-8 text"),
+    "latin-1 .txt": ("latin1.txt", "caf\xe9 cr\xe8me\n".encode("latin-1") * 200, "not UTF-8 text"),
+    "broken .jsonl": ("broken.jsonl", b'{"text": "hello"}\n{"text": "wor\n', "not valid JSON"),
+    "text-less .jsonl": ("textless.jsonl", b'{"body": "hello"}\n', "'text' field"),
+    "empty-text .jsonl": ("emptytext.jsonl", b'{"text": ""}\n{"text": "  "}\n', "no text"),
+    "fake .parquet": ("fake.parquet", b"PAR1 this is not parquet PAR1", "fake.parquet"),
+    "fake .txt.gz": ("fake.txt.gz", b"plain text, not gzip\n" * 50, "fake.txt.gz"),
+    "truncated .txt.gz": ("trunc.txt.gz", None, "trunc.txt.gz"),
+    "fake .txt.xz": ("fake.txt.xz", b"plain text, not xz\n" * 50, "fake.txt.xz"),
+}
+
+
+def _truncated_gz() -> bytes:
+    import gzip
+
+    whole = gzip.compress(("some text for a corpus\n" * 2000).encode())
+    return whole[: len(whole) // 2]
+
+
+@pytest.mark.parametrize("case", list(DATA_FILES))
+def test_bad_data_is_read_before_the_tokenizer(env, case, tmp_path, capsys, monkeypatch):
+    """Not quiet: nothing is announced (no "tokenizer for ..." line), and the fresh cache stays absent (no
+    tokenizer lock): the data is read and checked before a tokenizer is trained."""
+    name, raw, phrase = DATA_FILES[case]
+    (tmp_path / name).write_bytes(_truncated_gz() if raw is None else raw)
+    monkeypatch.setenv("MESHPROBE_CACHE", str(tmp_path / "cache"))
+    before = snapshot(tmp_path)
+    assert main(["train", "--config", str(env["preset"]), "--out", str(tmp_path / "out"),
+                 "--data", str(tmp_path / name)]) == 2
+    assert phrase in one_error(capsys, "train")
+    assert snapshot(tmp_path) == before
+
+
+def test_new_run_on_a_damaged_token_cache_announces_nothing(env, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(env["cache"], cache)
+    for entry in [p.parent for p in cache.glob("*/meta.json")]:
+        _poison_garbage(entry / "train.npy", tmp_path / "PWNED")
+    monkeypatch.setenv("MESHPROBE_CACHE", str(cache))
+    before = snapshot(tmp_path)
+    assert main(["train", "--config", str(env["preset"]), "--out", str(tmp_path / "out")]) == 2
+    assert "token cache" in one_error(capsys, "train")
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------- every command
+def _file(tmp: Path, name: str, text: str = "x") -> Path:
+    (tmp / name).write_text(text)
+    return tmp / name
+
+
+def _zoo_spec(tmp: Path, body: str) -> str:
+    return str(_file(tmp, "zoo.toml", body))
+
+
+_ZOO_OK = 'preset = "tiny"\n[[run]]\nname = "a"\nseeds = [0]\n'
+
+# name -> (argv(env, tmp) -> arguments after `meshprobe`, a phrase of the message). Each must exit 2 with one
+# line, create nothing under tmp and change nothing there (the cache is a fresh folder under tmp).
+COMMAND_CASES = {
+    # output paths that cannot be made
+    "train out under a file": (lambda e, t: ["train", "--config", str(e["preset"]), "--out",
+                                             str(_file(t, "f") / "out")], "is a file"),
+    "analyze out under a file": (lambda e, t: ["analyze", str(e["good"]), "--out", str(_file(t, "f") / "out")],
+                                 "is a file"),
+    "pack out under a file": (lambda e, t: ["data", "pack", "--data", str(e["corpus"]), "--out",
+                                            str(_file(t, "f") / "out.txt")], "is a file"),
+    "train out under /proc": (lambda e, t: ["train", "--config", str(e["preset"]), "--out", "/proc/meshprobe/out"],
+                              "/proc"),
+    "analyze out under /proc": (lambda e, t: ["analyze", str(e["good"]), "--out", "/proc/meshprobe/out"], "/proc"),
+    "pack out under /proc": (lambda e, t: ["data", "pack", "--data", str(e["corpus"]), "--out",
+                                           "/proc/meshprobe/out.txt"], "/proc"),
+    "train out under /sys": (lambda e, t: ["train", "--config", str(e["preset"]), "--out", "/sys/meshprobe/out"],
+                             "/sys"),
+    "analyze out under /sys": (lambda e, t: ["analyze", str(e["good"]), "--out", "/sys/meshprobe/out"], "/sys"),
+    "pack out under /sys": (lambda e, t: ["data", "pack", "--data", str(e["corpus"]), "--out",
+                                          "/sys/meshprobe/out.txt"], "/sys"),
+    "pack out an existing folder": (lambda e, t: ["data", "pack", "--data", str(e["corpus"]), "--out",
+                                                  str(_mkdir(t / "dir.txt"))], "is a folder"),
+    "train out a symlink loop": (lambda e, t: ["train", "--config", str(e["preset"]), "--out", str(_loop(t))],
+                                 "symlink loop"),
+    "analyze out = the checkpoint": (lambda e, t: ["analyze", str(_copy(e["good"], t / "ck")), "--out",
+                                                   str(t / "ck")], "checkpoint"),
+    "analyze out inside the checkpoint": (lambda e, t: ["analyze", str(_copy(e["good"], t / "ck")), "--out",
+                                                        str(t / "ck" / "figs")], "checkpoint"),
+    # sizes that cannot fit
+    "analyze samples 1e12": (lambda e, t: ["analyze", str(e["good"]), "--out", str(t / "o"), "--samples",
+                                           "1000000000000"], "GiB"),
+    "train batch size 1e8": (lambda e, t: ["train", "--config", str(e["preset"]), "--out", str(t / "o"),
+                                           "--batch-size", "100000000"], "GiB"),
+    "data show task symbols 1e12": (lambda e, t: ["data", "show", "--data", "task:phop:symbols=1000000000000"],
+                                    "symbols"),
+    # values with no meaning
+    "train seq-len 0": (lambda e, t: ["train", "--config", str(e["preset"]), "--out", str(t / "o"), "--seq-len", "0"],
+                        "seq_len"),
+    "eval seq-len 0": (lambda e, t: ["eval", str(e["good"]), "--seq-len", "0"], "--seq-len"),
+    "eval batch-size 0": (lambda e, t: ["eval", str(e["good"]), "--batch-size", "0"], "--batch-size"),
+    "analyze offset 100000": (lambda e, t: ["analyze", str(e["good"]), "--out", str(t / "o"), "--samples", "2",
+                                            "--seq-len", "8", "--offsets", "0,100000"], "100000"),
+    # every checkpoint checked before the first is analyzed
+    "analyze A B, B a task checkpoint": (lambda e, t: ["analyze", str(e["good"]), str(e["task"]), "--out",
+                                                       str(t / "o"), "--samples", "2", "--seq-len", "8"], "task"),
+    # damaged bundles
+    "figures zoo.json not JSON": (lambda e, t: ["figures", "--checkpoints", str(_bundle(t, "{not json")), "--out",
+                                                str(t / "figs")], "zoo.json"),
+    # zoo specs: --list checks them, and an error leaves no output folder
+    "zoo list unknown preset": (lambda e, t: ["zoo", "--list", "--spec", _zoo_spec(t, _ZOO_OK.replace("tiny", "nope"))],
+                                "nope"),
+    "zoo list negative seed": (lambda e, t: ["zoo", "--list", "--spec", _zoo_spec(t, _ZOO_OK.replace("[0]", "[-1]"))],
+                               "seed"),
+    "zoo list d_model -5": (lambda e, t: ["zoo", "--list", "--spec", _zoo_spec(t, _ZOO_OK + "d_model = -5\n")],
+                            "d_model"),
+    "zoo list empty spec": (lambda e, t: ["zoo", "--list", "--spec", _zoo_spec(t, "")], "no [[run]]"),
+    "zoo only no-such-run": (lambda e, t: ["zoo", "--spec", _zoo_spec(t, _ZOO_OK), "--only", "no-such-run", "--out",
+                                           str(t / "runs")], "no-such-run"),
+    "zoo unknown preset": (lambda e, t: ["zoo", "--spec", _zoo_spec(t, _ZOO_OK.replace("tiny", "nope")), "--out",
+                                         str(t / "runs")], "nope"),
+    "zoo d_model -5": (lambda e, t: ["zoo", "--spec", _zoo_spec(t, _ZOO_OK + "d_model = -5\n"), "--out",
+                                     str(t / "runs")], "d_model"),
+}
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _loop(tmp: Path) -> Path:
+    (tmp / "loop").symlink_to(tmp / "loop")
+    return tmp / "loop"
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def _bundle(tmp: Path, manifest: str) -> Path:
+    (tmp / "bundle").mkdir()
+    _file(tmp / "bundle", "zoo.json", manifest)
+    return tmp / "bundle"
+
+
+@pytest.mark.parametrize("case", list(COMMAND_CASES))
+def test_command_bad_input(env, case, tmp_path, capsys, monkeypatch):
+    argv, phrase = COMMAND_CASES[case]
+    monkeypatch.setenv("MESHPROBE_CACHE", str(tmp_path / "cache"))
+    args = argv(env, tmp_path)
+    before = snapshot(tmp_path)
+    assert main(args) == 2
+    assert phrase in one_error(capsys, args[0])
+    assert snapshot(tmp_path) == before
+
+
+def test_zero_values_with_a_meaning_are_documented(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--save-every 0" in text and "--eval-every 0" in text

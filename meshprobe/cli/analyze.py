@@ -76,8 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-probes", action="store_true", help="skip the linear probes")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the probes' random-init baseline (a freshly initialised model of the same config)")
-    parser.add_argument("--offsets", default="0,-1,-2,-4,-8,1", metavar="K,K,...",
-                        help="target offsets k of the token probes, x[i+k] (default 0,-1,-2,-4,-8,1)")
+    parser.add_argument("--offsets", default=None, metavar="K,K,...",
+                        help="target offsets k of the token probes, x[i+k], each |k| below --seq-len "
+                             "(default 0,-1,-2,-4,-8,1; those beyond the windows are noted in the report)")
     parser.add_argument("--probe-l2", choices=("per_offset", "cv"), default="per_offset",
                         help="L2 of the logistic probes: chosen by CV once per offset and shared (default, faster) "
                              "or by CV for every probe")
@@ -109,12 +110,13 @@ def _validate(args) -> None:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.max_classes < 2:
         raise UserError(f"--max-classes must be at least 2, got {args.max_classes}")
-    try:
-        args.offsets = [int(k) for k in args.offsets.split(",") if k.strip()]
-    except ValueError:
-        raise UserError(f"--offsets must be comma-separated integers, got {args.offsets!r}") from None
-    if not args.offsets:
-        raise UserError("--offsets must name at least one offset")
+    if args.offsets is not None:
+        try:
+            args.offsets = [int(k) for k in args.offsets.split(",") if k.strip()]
+        except ValueError:
+            raise UserError(f"--offsets must be comma-separated integers, got {args.offsets!r}") from None
+        if not args.offsets:
+            raise UserError("--offsets must name at least one offset")
     if args.tokens and args.data:
         raise UserError("give --tokens or --data, not both")
     if args.loops is not None and args.loops < 1:
@@ -203,9 +205,12 @@ def _done(res: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshprobe.checks import check_out_path
+
     _validate(args)
     if args.out is None:
         args.out = default_out(args.checkpoints)
+    check_out_path(args.out, inputs=tuple(args.checkpoints), input_kind="checkpoint")
     if _hf_dirs(args):
         return _run_hf(args, _done)
     if _is_task_run(args):
@@ -214,8 +219,6 @@ def run(args: argparse.Namespace) -> int:
     from meshprobe.analysis.pipeline.checkpoints import analyze_checkpoints
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
     real = _io.real_path(out)
     with _io.created_parents(real), _io.out_lock(real, "analyze"):
         for kind, _, _, folder in _io.leftovers(real):  # staging folders of killed runs (we hold the lock)

@@ -65,7 +65,9 @@ def _list(args) -> int:
 
 def _pack(args) -> int:
     from meshprobe import data
+    from meshprobe.checks import check_out_path
 
+    check_out_path(args.out, kind="file")  # (pack checks it too, naming its parameter out_path)
     info = data.pack(args.data, args.out)
     print(f"wrote {info['path']}: {_size(info['n_bytes'])} compressed ({info['n_bytes']:,} bytes), "
           f"{_size(info['text_bytes'])} of text, {info['train_docs']} train + {info['val_docs']} val documents")

@@ -18,15 +18,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", metavar="SPEC", default=None,
                         help="corpus to evaluate on (names, 'mix' or paths); default: the one it was trained on")
     parser.add_argument("--split", choices=["val", "train"], default="val", help="which split (default val)")
-    parser.add_argument("--batches", type=int, default=None, help="evaluation batches (default: training's)")
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: training's)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: training's)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="evaluation batches, at least 1 (default: training's)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per batch, at least 1 (default: training's)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence, at least 1 (default: training's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshprobe.errors import UserError
     from meshprobe.evaluate import evaluate_checkpoint
+
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
 
     data = args.data[0] if args.data and len(args.data) == 1 else args.data
     result = evaluate_checkpoint(args.checkpoint, data_spec=data, batches=args.batches, batch_size=args.batch_size,

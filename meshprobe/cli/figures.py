@@ -21,6 +21,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.samples is not None and args.samples < 2:
         raise UserError(f"--samples must be at least 2, got {args.samples}")
+    from meshprobe.checks import check_out_path
+
+    check_out_path(args.out)
     from pathlib import Path
 
     from meshprobe.paper.figures import regenerate

@@ -31,6 +31,9 @@ def _epilog() -> str:
         "overrides: --KEY VALUE for any [model] or [train] field of the preset, e.g. --variant mesh "
         "--layout 3+6R3+3 --lr 1e-3 --steps 200 --data mix --compile --betas 0.9,0.95 --mesh-slots none",
         keys(ModelConfig, "model"), keys(TrainConfig, "train"),
+        "zero values: --save-every 0 = a checkpoint only at step 0, on stop and at the end; --eval-every 0 = "
+        "validation only at the end; --eval-batches 0 = no validation; --grad-clip 0 = no clipping. "
+        "--batch-size, --seq-len, --steps and --log-every must be at least 1.",
         f"presets: {', '.join(list_presets())}",
         "exit codes: 0 done, 1 loss became NaN/inf (last good checkpoint kept), 2 bad input (nothing written), "
         "130 interrupted (checkpoint saved)",
@@ -84,8 +87,11 @@ def run(args: argparse.Namespace) -> int:
     from meshprobe.runtime import dist_env, dist_env_ok
     from meshprobe.training import TrainingDiverged, train
 
+    from meshprobe.checks import check_out_path
+
     rank = dist_env()[0] if dist_env_ok() else 0
     try:
+        check_out_path(args.out)  # before anything (the library checks it too, naming its parameter out_dir)
         model_cfg, train_cfg = build_configs(args)
         summary = train(model_cfg, train_cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                         quiet=args.quiet)

@@ -89,6 +89,7 @@ def tokenize_corpus(corpus: Corpus | str | Sequence[str], tokenizer: "tokenizers
 
     if meta_path.is_file():
         return load()
+    corpus.check()  # bad data: a UserError before anything is written to the cache
     with file_lock(root / f"{key[:32]}.lock"):
         if not meta_path.is_file():  # else another process finished meanwhile
             _build_entry(corpus, tokenizer, entry)

@@ -88,6 +88,7 @@ class Corpus:
             else:
                 self.parts.append(PathSource(item))
         self._fingerprint: str | None = None
+        self._checked = False
 
     # -- identity
     @property
@@ -144,6 +145,15 @@ class Corpus:
         if n == 0:
             where = part.spec_item if isinstance(part, PathSource) else part.name
             raise UserError(f"no text in {where}")
+
+    def check(self) -> None:
+        """Read every document once, so that a file that is not text (or holds none) is a one-line UserError
+        before anything is trained or written from the corpus. Run before a tokenizer is trained or a token
+        cache entry is built (once per Corpus object; a cache hit needs no read)."""
+        if not self._checked:
+            for _ in self.items():
+                pass
+            self._checked = True
 
     def documents(self, split: str) -> Iterator[str]:
         if split not in SPLITS:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from meshprobe._io import atomic_path
+from meshprobe.checks import check_out_path
 from meshprobe.data.corpus import Corpus, open_corpus
 from meshprobe.data.files import _PACK_PREFIX, PACK_DOC, PACK_ESC, PACK_MAGIC
 from meshprobe.errors import UserError
@@ -24,11 +25,12 @@ def pack(spec: str | Sequence[str] | Corpus, out_path: str | os.PathLike) -> dic
       start with ``@@meshprobe`` are escaped with a ``@@meshprobe-esc:`` prefix.
 
     The split is written explicitly, so loading the file reproduces the same train/val documents on any machine
-    whatever the split rule there. Written atomically (temp file in the same folder + os.replace).
+    whatever the split rule there. Written atomically (temp file in the same folder + os.replace); an output
+    path that cannot be made is refused before the corpus is read.
     Returns ``dict(path, n_bytes, train_docs, val_docs, text_bytes)``.
     """
-    corpus = open_corpus(spec)
     out = Path(out_path)
+    check_out_path(out, kind="file", name="out_path")
     if out.name.endswith(".xz"):
         opener = lambda p: lzma.open(p, "wt", encoding="utf-8", newline="\n", preset=6)  # noqa: E731
     elif out.name.endswith(".gz"):
@@ -37,6 +39,7 @@ def pack(spec: str | Sequence[str] | Corpus, out_path: str | os.PathLike) -> dic
         opener = lambda p: open(p, "w", encoding="utf-8", newline="\n")  # noqa: E731
     else:
         raise UserError(f"pack output must end in .txt.xz, .txt.gz or .txt: {out}")
+    corpus = open_corpus(spec)
     counts = dict(train_docs=0, val_docs=0, text_bytes=0)
     with atomic_path(out) as tmp:
         with opener(tmp) as f:

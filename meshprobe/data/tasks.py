@@ -35,6 +35,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from meshprobe.checks import check_fits
+from meshprobe.config import MAX_LAYERS, MAX_SIZES
 from meshprobe.errors import UserError
 
 IGNORE = -100  # target where the answer is undefined (cross_entropy's default ignore_index)
@@ -100,10 +102,13 @@ class TaskSpec:
     def __post_init__(self) -> None:
         if self.name not in TASKS:
             raise UserError(f"unknown task {self.name!r}: use one of {', '.join(sorted(TASKS))}")
-        for key, low in (("hops", 1), ("symbols", 2), ("seq_len", 2)):
+        for key, low, high in (("hops", 1, MAX_LAYERS), ("symbols", 2, MAX_SIZES["vocab_size"]),
+                               ("seq_len", 2, MAX_SIZES["n_ctx"])):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"task {self.name}: {key} must be an integer >= {low}, got {value!r}")
+            if value > high:  # a model could not hold it (vocab_size, n_ctx, loop limits), nor memory the arrays
+                raise UserError(f"task {self.name}: {key} = {value} is above the supported maximum {high}")
         if not isinstance(self.mix, bool):
             raise UserError(f"task {self.name}: mix must be true or false, got {self.mix!r}")
 
@@ -132,6 +137,11 @@ class TaskSpec:
     def n_ctx(self) -> int:
         """Tokens per sequence (prefix + symbols): the smallest model n_ctx."""
         return len(self.prefix) + self.seq_len
+
+    def batch_bytes(self, n: int) -> int:
+        """A lower estimate of the memory of `n` generated sequences: int64 tokens, targets and latents, and the
+        per-sequence symbol table the phop latents use."""
+        return 8 * n * (self.n_ctx * (self.hops + 3) + self.symbols)
 
     def entry(self) -> dict:
         """The checkpoint config.json "task" entry."""
@@ -228,7 +238,9 @@ def make_batch(spec: TaskSpec, x: np.ndarray, hops: np.ndarray) -> TaskBatch:
 
 def generate(spec: TaskSpec, batch_size: int, rng: np.random.Generator, hops: int | None = None) -> TaskBatch:
     """`batch_size` fresh sequences from `rng`: symbols first, then (if hops is None) per-sequence hop counts
-    drawn uniformly from spec.train_hops; a given `hops` fixes p for every sequence."""
+    drawn uniformly from spec.train_hops; a given `hops` fixes p for every sequence. Sizes that cannot fit in
+    memory are a UserError before anything is allocated."""
+    check_fits(spec.batch_bytes(batch_size), f"{batch_size} sequences of {spec.spec_string()}")
     x = rng.integers(0, spec.symbols, size=(batch_size, spec.seq_len), dtype=np.int64)
     if hops is None:
         per_seq = rng.choice(np.asarray(spec.train_hops, dtype=np.int64), size=batch_size)

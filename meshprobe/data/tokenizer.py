@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from meshprobe._io import atomic_path, committed_dir, file_lock
 from meshprobe.data.corpus import Corpus, open_corpus
@@ -132,18 +132,26 @@ def default_cache_dir() -> Path:
 
 
 def cached_tokenizer(corpus: Corpus | str | Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE,
-                     cache_dir: str | os.PathLike | None = None) -> "tokenizers.Tokenizer":
+                     cache_dir: str | os.PathLike | None = None,
+                     on_train: Callable[[], None] | None = None) -> "tokenizers.Tokenizer":
     """Train a tokenizer on the corpus' train documents once; later calls load it from the cache.
 
     Kept at ``<cache_dir or default_cache_dir()>/tokenizer-<sha256(corpus fingerprint, vocab_size)>.json``.
+    Before training, every document is read and checked (:meth:`Corpus.check`), so bad data is a UserError
+    with nothing written to the cache; `on_train` is then called (e.g. to announce the training).
     """
     corpus = open_corpus(corpus)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _sha(f"bpe-bytelevel-v1\0{vocab_size}\0{corpus.fingerprint}")[:32]
     path = root / f"tokenizer-{key}.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    corpus.check()
     with file_lock(root / f"tokenizer-{key}.lock"):
-        if path.is_file():
+        if path.is_file():  # another process trained it meanwhile
             return load_tokenizer(path)
+        if on_train is not None:
+            on_train()
         tok = train_tokenizer(corpus.train_documents(), vocab_size)
         save_tokenizer(tok, path)
         return tok

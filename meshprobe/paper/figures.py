@@ -17,6 +17,7 @@ import os
 import statistics
 from pathlib import Path
 
+from meshprobe import _io
 from meshprobe.errors import UserError
 
 # The paper's numbers beside ours (its §5 Tables 1, 3, 4, 6): 410M 3+6R3+3 Pile PPL, the diagnostic family.
@@ -189,14 +190,16 @@ def load_bundle(checkpoints: str | os.PathLike) -> tuple[dict, "object", dict]:
     manifest_path = root / "zoo.json"
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} not found: bundle a zoo first (meshprobe zoo --bundle {root})")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _io.read_json(manifest_path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), list):
+        raise UserError(f"{manifest_path}: not a zoo manifest (a JSON object with a list of models)")
     tokens_path = root / manifest.get("val_tokens", "val_tokens.npy")
     try:
         tokens = np.load(tokens_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise UserError(f"{tokens_path}: cannot read the validation token sample ({exc})") from None
     results_path = root / manifest.get("results", "results.json")
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"runs": []}
+    results = _io.read_json(results_path) if results_path.is_file() else {"runs": []}
     return manifest, tokens, results
 
 

@@ -106,8 +106,10 @@ def regenerate_tasks(checkpoints: str | os.PathLike = "checkpoints/tasks", out: 
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} not found: bundle the task zoo first "
                         f"(meshprobe zoo --spec zoo-tasks --bundle {root})")
-    manifest = json.loads(manifest_path.read_text())
-    results = json.loads((root / "results.json").read_text()) if (root / "results.json").is_file() else {}
+    manifest = _io.read_json(manifest_path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), list):
+        raise UserError(f"{manifest_path}: not a zoo manifest (a JSON object with a list of models)")
+    results = _io.read_json(root / "results.json") if (root / "results.json").is_file() else {}
     names = [m["name"] for m in manifest["models"]]
     spec, models = _load_task_models([root / n for n in names], names)
     analyses = {name: analyze_task(m, spec, n_sequences, seed=seed) for name, m in models.items()}

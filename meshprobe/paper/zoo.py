@@ -76,6 +76,7 @@ def resolve_zoo(name_or_path: str) -> Path:
 
 
 def load_zoo(name_or_path: str) -> ZooSpec:
+    """Read and check a zoo spec (a bundled name or a TOML path): its keys, seeds, and the config of every run."""
     path = resolve_zoo(name_or_path)
     try:
         doc = tomllib.loads(path.read_text())
@@ -90,7 +91,12 @@ def load_zoo(name_or_path: str) -> ZooSpec:
         if "name" not in entry:
             raise UserError(f"{path}: every [[run]] needs a name")
         name, group, seeds = entry.pop("name"), entry.pop("group", ""), entry.pop("seeds", [0])
-        runs += [ZooRun(name, group, int(seed), entry) for seed in seeds]
+        if not isinstance(seeds, list) or not seeds or any(
+                not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+            raise UserError(f"{path}: run {name!r}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+        runs += [ZooRun(name, group, seed, entry) for seed in seeds]
+    if not runs:
+        raise UserError(f"{path}: no [[run]] entries (a zoo spec names at least one run)")
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         raise UserError(f"{path}: duplicate run names {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -98,8 +104,14 @@ def load_zoo(name_or_path: str) -> ZooSpec:
     missing = [n for n in bundle.get("runs", []) if f"{n}-s0" not in ids]
     if missing:
         raise UserError(f"{path}: [bundle] names runs without a seed-0 entry: {missing}")
-    return ZooSpec(path, doc.get("description", ""), doc.get("preset", "cpu-zoo"), doc.get("overrides", {}), runs,
+    spec = ZooSpec(path, doc.get("description", ""), doc.get("preset", "cpu-zoo"), doc.get("overrides", {}), runs,
                    bundle.get("runs", []), int(bundle.get("samples", 500)), int(bundle.get("seq_len", 128)))
+    for run in runs:  # every run's config is valid (preset, keys, values) before anything is listed or trained
+        try:
+            run_configs(spec, run)
+        except UserError as exc:
+            raise UserError(f"{path}: run {run.run_id}: {exc}") from None
+    return spec
 
 
 def run_configs(spec: ZooSpec, run: ZooRun, tokenizer: str | None = None):
@@ -135,16 +147,19 @@ def shared_tokenizer(spec: ZooSpec, out: Path) -> Path | None:
 
 
 def train_zoo(spec: ZooSpec, out: str | os.PathLike, only: list[str] | None = None) -> list[dict]:
-    """Train every run of the spec (or those whose name or id is in `only`) and update the results file."""
+    """Train every run of the spec (or those whose name or id is in `only`) and update the results file.
+    Bad input (an unknown run, an output path that cannot be made, bad data) is refused before `out` exists."""
+    from meshprobe.checks import check_out_path
     from meshprobe.training import train
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     # Seed 0 of every model first: a zoo stopped halfway is then still one complete family.
     runs = sorted((r for r in spec.runs if not only or r.name in only or r.run_id in only), key=lambda r: r.seed)
     if not runs:
         raise UserError(f"no zoo run matches {only}; runs: {sorted({r.name for r in spec.runs})}")
-    tokenizer = shared_tokenizer(spec, out)
+    check_out_path(out)
+    with _io.created_parents(out / RESULTS_FILE):  # removed again if the zoo fails before writing into it
+        tokenizer = shared_tokenizer(spec, out)
     for i, run in enumerate(runs, 1):
         model_cfg, train_cfg = run_configs(spec, run, str(tokenizer) if tokenizer else None)
         print(f"[zoo {i}/{len(runs)}] {run.run_id}: {model_cfg.layout} {model_cfg.variant}", file=sys.stderr)

@@ -59,6 +59,7 @@ import torch
 
 import meshprobe
 from meshprobe import _io, data
+from meshprobe.checks import check_out_path
 from meshprobe.checkpoint import TOKENIZER_FILE, load_checkpoint, resolve_checkpoint, save_checkpoint
 from meshprobe.config import ModelConfig
 from meshprobe.errors import UserError
@@ -106,7 +107,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | os.Path
     train_loss, val_loss, val_ppl, wall_time_s, tokens_per_s (this invocation), device, world_size.
     Raises UserError for bad input (before anything is written) and TrainingDiverged on a NaN/inf loss.
     """
-    given, out_dir = str(out_dir), _io.real_path(out_dir)  # the real folder: a symlink to a live run shares its lock
+    given = str(out_dir)
+    out_dir = check_out_path(out_dir, name="out_dir")  # the real folder: a symlink to a live run shares its lock
     rank, world, local_rank = dist_env()
     if train_cfg.seq_len > model_cfg.n_ctx:
         raise UserError(f"seq_len {train_cfg.seq_len} is above the model context n_ctx={model_cfg.n_ctx}")
@@ -189,6 +191,7 @@ def setup(model_cfg, cfg, out_dir, resuming, device, rank, world, micro, show, s
     run = Run(cfg, model_cfg, out_dir, device, resolved_precision(device, cfg.precision), rank, world, micro, show,
               resuming, device_name(device), src=src or out_dir)
     S.check_train_memory(model_cfg, device)
+    S.check_batch_memory(model_cfg, cfg, cfg.batch_size // world, micro, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -227,8 +230,12 @@ def _setup_data(run: Run, resuming: bool) -> None:
             raise UserError(f"tokenizer not found: {cfg.tokenizer} (give a tokenizer.json or a checkpoint directory)")
         tokenizer, tok_source = data.load_tokenizer(path), str(path)
     else:
-        say(run.show, f"meshprobe train: tokenizer for {corpus.name} (byte-level BPE, {run.model_cfg.vocab_size} tokens)")
-        tokenizer, tok_source = data.cached_tokenizer(corpus, vocab_size=run.model_cfg.vocab_size), "trained"
+        def announce():
+            say(run.show, f"meshprobe train: training a tokenizer for {corpus.name} (byte-level BPE, "
+                          f"{run.model_cfg.vocab_size} tokens)")
+
+        tokenizer = data.cached_tokenizer(corpus, vocab_size=run.model_cfg.vocab_size, on_train=announce)
+        tok_source = "trained"
     if tokenizer.get_vocab_size() > run.model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
                         f"vocab_size {run.model_cfg.vocab_size}")

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load, save
 
 from meshprobe import _io
+from meshprobe.checks import check_fits
 from meshprobe.config import check_memory
 from meshprobe.errors import UserError
 
@@ -86,6 +87,10 @@ def load_optimizer_state(optimizer, path: Path, meta: dict, param_names: list[st
                                   or not value.is_floating_point()):
                 raise ValueError(f"{name} does not match parameter {param_names[i]} {tuple(params[i].shape)}")
             state.setdefault(i, {})[key] = value
+        for i, entries in state.items():  # AdamW keeps all three for a parameter once it has stepped
+            missing = sorted({"exp_avg", "exp_avg_sq", "step"} - set(entries))
+            if missing:
+                raise ValueError(f"no {', '.join(f'state.{i}.{k}' for k in missing)} for parameter {param_names[i]}")
         if len(meta["param_groups"]) != len(optimizer.param_groups):
             raise UserError(f"{path}: the optimizer has a different number of parameter groups")
         groups = []
@@ -135,19 +140,16 @@ def load_rng_state(path: Path, meta: dict, device) -> None:
 
 
 def read_log(path: Path, max_step: int | None = None) -> list[dict]:
-    """Records of a train_log.jsonl, keeping those with step <= max_step; stops at a torn last line."""
+    """Records of a train_log.jsonl, keeping those with step <= max_step; stops at a torn last line. A log
+    that is a folder, not UTF-8, or holds a record without an integer step is a one-line UserError (a resume
+    reads it before it rewrites anything)."""
     return _io.read_jsonl(path, max_step)
 
 
 def read_state(folder: Path) -> dict:
     """The training_state.json of a checkpoint folder, checked (one-line UserError naming the file)."""
     path = Path(folder) / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    except ValueError as exc:
-        raise _corrupt(path, "not valid JSON", exc) from None
+    state = _io.read_json(path)
     if (not isinstance(state, dict) or state.get("format") != STATE_FORMAT
             or not isinstance(state.get("version"), int) or state["version"] > STATE_VERSION):
         raise UserError(f"{path}: not a meshprobe training state this version can read")
@@ -163,7 +165,7 @@ def read_state_step(out_dir: Path) -> int | None:
     """The step of the checkpoint currently in out_dir (None if unreadable)."""
     try:
         return int(json.loads((Path(out_dir) / STATE_FILE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -210,6 +212,17 @@ def check_train_memory(model_cfg, device) -> None:
     check_memory(model_cfg, 4, "its fp32 weights")
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     check_memory(model_cfg, 16, "training (weights, gradients, AdamW moments)", total)
+
+
+def check_batch_memory(model_cfg, train_cfg, per_rank: int, micro: int, device) -> None:
+    """Refuse a batch that cannot fit before anything is allocated or written: the step's two int64 token
+    arrays [per_rank, seq_len] in this machine's memory, and (a lower bound of the activations the backward
+    pass keeps) one fp32 residual stream per unrolled layer of a micro-batch, on the GPU on CUDA."""
+    seq = train_cfg.seq_len
+    check_fits(2 * 8 * per_rank * seq, f"a batch of {per_rank} x {seq} tokens (batch_size)")
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    check_fits(4 * micro * seq * model_cfg.d_model * (model_cfg.unrolled_depth + 1),
+               f"the activations of {micro} x {seq} tokens (micro_batch_size or batch_size)", total)
 
 
 def begin_writing(out_dir: Path, take_lock=None) -> None:

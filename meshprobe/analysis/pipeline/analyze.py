@@ -280,17 +280,54 @@ def checkpoint_tokens(model, path: str | os.PathLike | None, *, token_file: np.n
     seq_len = seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, model.cfg.n_ctx)
     tokenizer = load_tokenizer(path, missing_ok=True) if path is not None else None
     if tokenizer is None:
-        raise UserError(f"{path or 'the model'} has no tokenizer.json and no {BUNDLED_TOKENS}: pass pre-tokenized "
-                        "sequences (tokens)")
+        raise _no_tokenizer(path)
     spec = data if data else default_data_spec(model.checkpoint_config)
     try:
         tokens = sample_tokens(model, samples, seq_len, seed, data=data, tokenizer=tokenizer)
     except UserError as exc:
         if data:
             raise
-        raise UserError(f"{path}: its training corpus cannot be read here ({exc}); pass data (a corpus spec) or "
-                        "tokens (a .npy file)") from None
+        raise _corpus_unreadable(path, exc) from None
     return tokens, f"validation split of {spec if isinstance(spec, str) else ' + '.join(spec)}"
+
+
+def _no_tokenizer(path) -> UserError:
+    return UserError(f"{path or 'the model'} has no tokenizer.json and no {BUNDLED_TOKENS}: pass pre-tokenized "
+                     "sequences (tokens)")
+
+
+def _corpus_unreadable(path, exc: UserError) -> UserError:
+    return UserError(f"{path}: its training corpus cannot be read here ({exc}); pass data (a corpus spec) or "
+                     "tokens (a .npy file)")
+
+
+def token_shape(path: str | os.PathLike, config: Mapping, *, token_file: np.ndarray | None = None,
+                samples: int | None = None, seq_len: int | None = None, data=None) -> tuple[int, int]:
+    """``(rows, tokens per row)`` that :func:`checkpoint_tokens` will give for the checkpoint at `path`
+    (config: its config.json), found the same way without loading the model or reading the corpus, and with
+    the same one-line errors: the token file, the bundled sample's shape, or a tokenizer and a corpus that
+    opens. A multi-checkpoint call runs it on every checkpoint before the first is analyzed."""
+    if token_file is not None:
+        arr = token_file
+    else:
+        own = bundled_tokens(path) if not data else None
+        arr = load_token_file(own) if own is not None else None
+        if arr is not None:
+            check_token_shapes([config], [Path(path)], arr, own, samples, seq_len)
+    if arr is not None:
+        return (samples if samples is not None else arr.shape[0], seq_len if seq_len is not None else arr.shape[1])
+    from meshprobe.data import load_tokenizer, open_corpus
+
+    if load_tokenizer(path, missing_ok=True) is None:
+        raise _no_tokenizer(path)
+    try:
+        open_corpus(data if data else default_data_spec(config), quiet=True)
+    except UserError as exc:
+        if data:
+            raise
+        raise _corpus_unreadable(path, exc) from None
+    return (samples if samples is not None else DEFAULT_SAMPLES,
+            seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, config["model"]["n_ctx"]))
 
 
 class Metrics(dict):

@@ -11,9 +11,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import meshprobe
 from meshprobe import _io
-from meshprobe.analysis.pipeline.analyze import analyze_model, check_token_shapes, checkpoint_tokens, load_token_file
+from meshprobe.analysis.pipeline.analyze import (analyze_model, check_token_shapes, checkpoint_tokens, load_token_file,
+                                                 token_shape)
 from meshprobe.analysis.pipeline.schema import FORMAT, FORMAT_VERSION
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
+from meshprobe.checks import check_fits, check_out_path
 from meshprobe.errors import UserError
 from meshprobe.runtime import resolve_device
 
@@ -43,11 +45,30 @@ def display_names(names: str | None, paths: Sequence[Path]) -> list[str]:
     return out
 
 
+def _check_inputs(paths: list[Path], configs: list[dict], out: Path, offsets, **token_args) -> None:
+    """Everything :func:`analyze_checkpoints` can check before the first checkpoint is analyzed: the output
+    folder (not one of the checkpoints, nor inside one), no task checkpoint among them, every checkpoint's
+    tokens (:func:`~meshprobe.analysis.pipeline.analyze.token_shape`), given offsets inside the windows, and
+    the token arrays against this machine's memory."""
+    check_out_path(out, inputs=tuple(paths), input_kind="checkpoint")
+    for p, cfg in zip(paths, configs):
+        task = cfg.get("metadata", {}).get("task")
+        if task is not None:
+            raise UserError(f"{p} was trained on a task ({task.get('name')}); analyze task checkpoints on their "
+                            "own (their ground-truth analyses differ)")
+        rows, window = token_shape(p, cfg, **token_args)
+        wrong = [k for k in offsets or () if abs(k) >= window]
+        if wrong:
+            raise UserError(f"offsets={','.join(map(str, wrong))}: outside the {window}-token windows of {p} "
+                            f"(each |k| must be below {window})")
+        check_fits(8 * rows * window, f"samples={rows} (windows of {window} tokens)")
+
+
 def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                         names: str | None = None, samples: int | None = None, seq_len: int | None = None,
                         data=None, tokens: str | os.PathLike | None = None, seed: int = 0, device: str = "auto",
                         batch_size: int = 8, threads: int | None = None, lens_positions: int | None = 64,
-                        probes: bool = True, baseline: bool = True, offsets: Sequence[int] = DEFAULT_OFFSETS,
+                        probes: bool = True, baseline: bool = True, offsets: Sequence[int] | None = None,
                         max_classes: int = 64, l2_mode: str = "per_offset", progress: bool = True,
                         on_result: Callable[[dict], None] | None = None) -> list[Path]:
     """Analyse checkpoints and write ``out`` (metrics.json, report.md, figures; see :func:`write_outputs`).
@@ -55,7 +76,10 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     Every checkpoint's config is checked before any work. Tokens (:func:`~meshprobe.analysis.pipeline.analyze.
     checkpoint_tokens`): the rows of the ``tokens`` .npy file; else the checkpoint's own validation sample
     (``val_tokens.npy``, shipped with bundled checkpoints) unless ``data`` is given; else ``samples`` windows of
-    ``seq_len`` tokens drawn with ``seed`` from the validation split of its corpus (or ``data``). ``on_result`` is called with each model's metrics as it finishes. Returns the files.
+    ``seq_len`` tokens drawn with ``seed`` from the validation split of its corpus (or ``data``). Every input
+    is checked before the first checkpoint is analyzed (:func:`_check_inputs`). ``offsets``: the token probes'
+    offsets (None: DEFAULT_OFFSETS, any beyond the windows noted in the report; given ones must lie inside the
+    windows). ``on_result`` is called with each model's metrics as it finishes. Returns the files.
     """
     from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
 
@@ -66,15 +90,15 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     token_file = load_token_file(tokens) if tokens else None
     check_token_shapes(configs, paths, token_file, tokens, samples, seq_len)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out={out} exists and is not a folder")
+    _check_inputs(paths, configs, out, offsets, token_file=token_file, samples=samples, seq_len=seq_len, data=data)
     results = []
     for p, name in zip(paths, labels):
         model = load_checkpoint(p, device=dev)
         toks, source = checkpoint_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
                                          seq_len=seq_len, seed=seed, data=data)
         res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
-                            offsets=offsets, max_classes=max_classes, l2_mode=l2_mode, progress=progress,
+                            offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes,
+                            l2_mode=l2_mode, progress=progress,
                             seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
                             lens_positions=lens_positions)
         results.append(res)

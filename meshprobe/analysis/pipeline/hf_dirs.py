@@ -109,13 +109,14 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
                     samples: int | None = None, seq_len: int | None = None, data=None,
                     tokens: str | os.PathLike | None = None, seed: int = 0, device: str = "auto", batch_size: int = 8,
                     threads: int | None = None, lens_positions: int | None = 64, probes: bool = True,
-                    baseline: bool = True, offsets: Sequence[int] = DEFAULT_OFFSETS, max_classes: int = 64,
+                    baseline: bool = True, offsets: Sequence[int] | None = None, max_classes: int = 64,
                     l2_mode: str = "per_offset", progress: bool = True,
                     on_result: Callable[[dict], None] | None = None) -> list[Path]:
     """Analyse transformers model directories and write ``out`` like
     :func:`~meshprobe.analysis.pipeline.checkpoints.analyze_checkpoints` (metrics.json, report.md, figures).
     ``spec``: a loop spec for every directory (default: the built-in one of each architecture); ``loops``: run
-    every model with this many loop steps. Every input is checked before any model loads. Returns the files."""
+    every model with this many loop steps. ``offsets``: None = DEFAULT_OFFSETS. Every input is checked before
+    any model loads. Returns the files."""
     from meshprobe.hf import load
 
     paths = [Path(p) for p in dirs]
@@ -132,7 +133,8 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
         toks, source = dir_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
                                   seq_len=seq_len, seed=seed, data=data)
         res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
-                            offsets=offsets, max_classes=max_classes, l2_mode=l2_mode, progress=progress,
+                            offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes,
+                            l2_mode=l2_mode, progress=progress,
                             seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
                             lens_positions=lens_positions)
         results.append(res)
