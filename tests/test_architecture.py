@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "meshprobe"
 
 # Bottom to top; a module may import from its own layer or a lower one (ARCHITECTURE.md, "The modules").
 LAYERS = [
-    {"meshprobe", "errors", "_io", "runtime", "config", "hooks", "loss", "tl", "data"},
+    {"meshprobe", "errors", "checks", "_io", "runtime", "config", "hooks", "loss", "tl", "data"},
     {"mesh", "model"},
     {"checkpoint"},
     {"evaluate", "training", "hf"},

@@ -46,7 +46,14 @@ def as_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
     """``name=value`` of a library error -> ``--name value`` where ``--name`` is a flag of ``parser``."""
     if parser is None:
         return message
-    flags = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    flags: dict[str, str] = {}
+    parsers = [parser]
+    for p in parsers:  # the subcommand's parser and those of its actions (meshprobe data pack / show)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                parsers += list(a.choices.values())
+            elif a.option_strings:  # the long form: --out, not -o
+                flags.setdefault(a.dest, max(a.option_strings, key=len))
     return re.sub(r"(?<![\w-])([a-z][a-z_]*)=", lambda m: f"{flags[m.group(1)]} " if m.group(1) in flags
                   else m.group(0), message)
 
