@@ -110,7 +110,7 @@ def _load_entry(entry: Path, tokenizer) -> dict[str, np.ndarray]:
             top = max((int(arr[a:a + (1 << 24)].max()) for a in range(0, len(arr), 1 << 24)), default=0)
             if top >= vocab:
                 raise ValueError(f"{s}.npy holds token id {top}, the tokenizer has {vocab}")
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RecursionError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"token cache {entry} is damaged ({detail}); delete that folder to rebuild it") from None
     return arrays

@@ -147,6 +147,8 @@ def _read_jsonl(path: Path, rel: str) -> Iterator[tuple[str, str]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}:{lineno}: not valid JSON (nested too deeply)") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise UserError(f"{path}:{lineno}: expected an object with a string 'text' field")
             yield f"{rel}:{lineno}", obj["text"]

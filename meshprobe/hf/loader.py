@@ -8,11 +8,11 @@ only (``use_safetensors=True``); a pickle file is never read. Everything is loca
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from meshprobe import _io
 from meshprobe.errors import UserError
 
 __all__ = ["is_hf_dir", "load", "load_tokenizer", "read_hf_config", "remote_code_reason", "tokenizer_remote_reason"]
@@ -31,8 +31,8 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     if not p.is_file():
         return False
     try:
-        config = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = _io.read_json(p)
+    except UserError:  # unreadable, not JSON, nested too deeply: not a transformers directory
         return False
     return isinstance(config, dict) and "model" not in config and bool(
         config.get("model_type") or config.get("architectures"))
@@ -45,7 +45,7 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"model directory not found: {p}")
     if not is_hf_dir(p):
         raise UserError(f"{p}: no transformers config.json (with model_type or architectures)")
-    return json.loads(_config_path(p).read_text(encoding="utf-8"))
+    return _io.read_json(_config_path(p))
 
 
 def remote_code_reason(config: dict[str, Any]) -> str | None:
@@ -128,10 +128,10 @@ def tokenizer_remote_reason(path: str | os.PathLike) -> str | None:
     f = Path(path) / "tokenizer_config.json"
     if not f.is_file():
         return None
-    try:
-        mapped = json.loads(f.read_text(encoding="utf-8")).get("auto_map")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        raise UserError(f"{f}: not a readable JSON object") from None
+    config = _io.read_json(f)
+    if not isinstance(config, dict):
+        raise UserError(f"{f}: not a JSON object")
+    mapped = config.get("auto_map")
     return "its tokenizer maps to remote code (auto_map in tokenizer_config.json)" if mapped else None
 
 

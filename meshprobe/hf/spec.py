@@ -113,7 +113,7 @@ def as_spec(spec: LoopSpec | Mapping[str, Any] | str | os.PathLike) -> LoopSpec:
         p = Path(spec)
         try:
             spec = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise UserError(f"loop spec {p}: not a readable JSON file ({str(exc).splitlines()[0]})") from None
     if not isinstance(spec, Mapping):
         raise UserError(f"loop spec must be a LoopSpec, a dict or a JSON file, got {type(spec).__name__}")
