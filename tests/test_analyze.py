@@ -82,6 +82,7 @@ def cli_run(zoo):
     return out, _strict_json(out / "metrics.json")
 
 
+@pytest.mark.slow
 def test_cli_writes_figures(cli_run):
     out, _ = cli_run
     for stem in ("fig3", "fig4", "fig5", "lens"):
@@ -97,6 +98,7 @@ def test_cli_writes_figures(cli_run):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".figs.tmp")]  # temp folder cleaned up
 
 
+@pytest.mark.slow
 def test_metrics_keys_are_documented(cli_run):
     _, doc = cli_run
     paths = R.metric_key_paths(doc)
@@ -105,6 +107,7 @@ def test_metrics_keys_are_documented(cli_run):
     assert all(isinstance(v, str) and v for v in R.METRICS_KEYS.values())
 
 
+@pytest.mark.slow
 def test_metrics_values_in_range(cli_run):
     _, doc = cli_run
     assert doc["format"] == schema.FORMAT and [m["name"] for m in doc["models"]] == ["mesh", "base", "van"]
@@ -149,6 +152,7 @@ def test_metrics_values_in_range(cli_run):
         assert cur["accuracy"] > cur["chance"] + 0.2 and cur["retrieval_top1"] > 0.9
 
 
+@pytest.mark.slow
 def test_mesh_router_and_slots(cli_run):
     _, doc = cli_run
     mesh, base, van = doc["models"]
@@ -180,6 +184,7 @@ def test_mesh_router_and_slots(cli_run):
     assert van["states"][0] == "h_emb" and van["states"][-1] == "h_out" and van["blocks"][0] == "layer 1"
 
 
+@pytest.mark.slow
 def test_coda_lens_reproduces_model_loss(cli_run, zoo):
     """Decoding h^(K) through the coda is the model itself: its lens loss equals the model's own loss."""
     _, doc = cli_run
@@ -275,6 +280,7 @@ def test_help_does_not_import_torch():
 # ---------------------------------------------------------------------------------------------------------
 # library-level pipeline
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_memory_does_not_grow_with_samples():
     """The accumulators (running stats, probe rows and statistics) have the same size after 64 and after 128
     samples once the probes' row caps bind (small caps here; the defaults bind at a few hundred samples).
@@ -293,6 +299,7 @@ def test_memory_does_not_grow_with_samples():
     assert sizes[0] > 0 and abs(sizes[1] - sizes[0]) <= 0.01 * sizes[0]
 
 
+@pytest.mark.slow
 def test_analyze_model_is_deterministic_and_batch_size_free():
     model = small_model("residual")
     tokens = zipf_tokens(10, seed=1)

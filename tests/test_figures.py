@@ -10,6 +10,7 @@ from meshprobe.paper.figures import variant_summary
 CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
 
 
+@pytest.mark.slow
 def test_figures_from_bundled_checkpoints(tmp_path):
     out = tmp_path / "figures"
     assert main(["figures", "--checkpoints", str(CHECKPOINTS), "--out", str(out), "--samples", "12",

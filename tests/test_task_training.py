@@ -88,6 +88,7 @@ def test_loss_is_the_mean_over_defined_targets_only():
     assert torch.equal(token_loss(logits, y), loss)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path, trained):
     out = tmp_path / "resumed"
     assert main(train_args(out, "--stop-after", "3")) == 0
@@ -134,6 +135,7 @@ def test_data_show_and_eval_on_a_task(trained, capsys):
     assert main(["eval", str(trained), "--data", "shakespeare"]) == 2
 
 
+@pytest.mark.slow
 def test_task_zoo_trains_collects_and_bundles(tmp_path):
     from meshprobe import load_checkpoint
     from meshprobe.paper import zoo
@@ -155,6 +157,7 @@ def test_task_zoo_trains_collects_and_bundles(tmp_path):
     assert zoo.zoo_task(zoo.load_zoo("zoo-tasks")).entry()["prefix"] == [9]
 
 
+@pytest.mark.slow
 def test_analyze_and_figures_on_task_checkpoints(tmp_path, trained, capsys):
     from meshprobe.paper import zoo
 

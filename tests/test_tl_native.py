@@ -207,6 +207,7 @@ def test_tl_logit_attrs_of_the_looped_decomposition_sum_to_the_logit(variant):
 
 
 # --- transformer_lens.patching ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tl_head_and_resid_patching_agree_with_manual_patches():
     cfg = tiny_cfg(variant="mesh", layout="1+2R2+1", n_ctx=6)
     model = perturbed_model(cfg)
@@ -242,6 +243,7 @@ def test_tl_head_and_resid_patching_agree_with_manual_patches():
 
 
 # --- the bundled checkpoints: every call of the TransformerLens tool table ----------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["loop3-base", "loop3-residual", "loop3-anchor", "loop3-mesh", "loop3-vanilla"])
 def test_tool_table_on_bundled_checkpoints(name):
     model = load_checkpoint(CKPT / name).eval()
