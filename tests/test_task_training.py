@@ -179,3 +179,24 @@ def test_analyze_and_figures_on_task_checkpoints(tmp_path, trained, capsys):
                  "--samples", "24"]) == 0
     assert {p.name for p in (tmp_path / "fig" / "tasks").iterdir()} == {"phop.png", "phop.pdf", "ground_truth.json",
                                                                         "results.md"}
+
+
+def test_keep_every_keeps_light_snapshots_beside_the_run(tmp_path):
+    """keep_every: step 0 and every N steps kept as loadable weights + config (no optimizer state), beside the
+    run; a resumed run passing the steps again keeps the same set."""
+    from meshprobe import load_checkpoint
+    from meshprobe.train.state import snapshot_dir, snapshot_paths
+
+    out = tmp_path / "run"
+    assert main(train_args(out, "--keep-every", "2", "--stop-after", "3")) == 0
+    assert [s for s, _ in snapshot_paths(out)] == [0, 2]
+    assert main(train_args(out, "--keep-every", "2", "--resume")) == 0
+    kept = snapshot_paths(out)
+    assert [s for s, _ in kept] == [0, 2, 4, 6] and snapshot_dir(out) == tmp_path / "run.snapshots"
+    assert sorted(p.name for p in kept[1][1].iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((kept[1][1] / "config.json").read_text())["metadata"]
+    assert meta["step"] == 2 and meta["status"] == "snapshot"
+    last = weights(kept[-1][1])
+    assert all(torch.equal(last[k], v) for k, v in weights(out).items())  # step 6 = the final checkpoint
+    assert not torch.equal(weights(kept[0][1])["embed.weight"], last["embed.weight"])
+    assert load_checkpoint(kept[0][1]).cfg.d_model == 32

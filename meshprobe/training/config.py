@@ -38,6 +38,9 @@ class TrainConfig:
     eval_batches    validation batches per evaluation (0 = no validation at all)
     log_every       a log record (and progress line) every N steps
     save_every      a checkpoint every N steps (0 = only at step 0, on stop and at the end)
+    keep_every      keep a light snapshot (weights + config.json, no optimizer state) at step 0 and every N
+                    steps in ``<out_dir>.snapshots/step-NNNNNN`` beside the checkpoint, so analyses can follow a
+                    run over training (:func:`meshprobe.train.state.snapshot_paths` lists them); 0 = none
     compile         torch.compile the model
     device          "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     precision       "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
@@ -67,6 +70,7 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 10
     save_every: int = 0
+    keep_every: int = 0
     compile: bool = False
     device: str = "auto"
     precision: str = "auto"
@@ -98,7 +102,7 @@ class TrainConfig:
         positive += [n for n in ("steps", "tokens", "micro_batch_size", "stop_after") if getattr(self, n) is not None]
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("seed", "eval_every", "eval_batches", "save_every"):
+        for name in ("seed", "eval_every", "eval_batches", "save_every", "keep_every"):
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("lr", "eps"):
             if not _is_number(getattr(self, name)) or not getattr(self, name) > 0:

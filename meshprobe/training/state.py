@@ -11,6 +11,9 @@ Files beside the model in a training checkpoint (:mod:`meshprobe.checkpoint` wri
                             python/numpy RNG scalars, wall time, last validation figures
 ``train_log.jsonl``         one JSON object per logged event; appended live between checkpoints
 ==========================  ================================================================================
+
+Snapshots (``keep_every``): light checkpoints (model + config.json, status "snapshot", no training state) in
+``<out_dir>.snapshots/step-NNNNNN`` beside the run, each written with the checkpoint save protocol.
 """
 from __future__ import annotations
 
@@ -34,6 +37,41 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FORMAT = "meshprobe-train-state"
 STATE_VERSION = 1
+
+
+SNAPSHOT_SUFFIX = ".snapshots"
+
+
+def snapshot_dir(out_dir: str | os.PathLike) -> Path:
+    """The folder holding the snapshots of the run in `out_dir`: ``<out_dir>.snapshots`` beside it."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / (out_dir.name + SNAPSHOT_SUFFIX)
+
+
+def snapshot_path(out_dir: str | os.PathLike, step: int) -> Path:
+    """Where the snapshot of `out_dir` at `step` is kept."""
+    return snapshot_dir(out_dir) / f"step-{step:06d}"
+
+
+def snapshot_paths(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The complete snapshots of the run in `out_dir` as (step, path), by step ([] when there are none)."""
+    folder = snapshot_dir(out_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob("step-*"):
+        if path.name[5:].isdigit() and (path / "config.json").is_file():
+            found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def save_snapshot(model, out_dir: Path, step: int, tokenizer, metadata: dict) -> Path:
+    """Keep a light copy of `model` at `step` (weights + config.json with the checkpoint metadata, no optimizer
+    or RNG state) at :func:`snapshot_path`, with the checkpoint save protocol: a resumed run that passes the
+    step again replaces it."""
+    from meshprobe.checkpoint import save_checkpoint
+
+    return save_checkpoint(model, snapshot_path(out_dir, step), tokenizer=tokenizer, **metadata)
 
 
 _POLICY_KEYS = ("fused", "foreach", "capturable", "differentiable")
