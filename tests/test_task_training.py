@@ -155,6 +155,13 @@ def test_task_zoo_trains_collects_and_bundles(tmp_path):
     assert model.checkpoint_config["metadata"]["task"]["name"] == "phop"
     assert next(model.parameters()).dtype == torch.float32  # loads as fp32 from fp16 storage
     assert zoo.zoo_task(zoo.load_zoo("zoo-tasks")).entry()["prefix"] == [9]
+    # a run folder removed later: collecting again keeps its earlier row, marked as carried over
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "b-s0")
+    assert main(["zoo", "--spec", str(spec_file), "--out", str(tmp_path / "runs"), "--no-train"]) == 0
+    carried = json.loads((tmp_path / "runs" / "results.json").read_text())["runs"]
+    assert carried == [{**row, "carried": True}]
 
 
 @pytest.mark.slow

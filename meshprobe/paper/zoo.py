@@ -187,9 +187,20 @@ def validation_sample(spec: ZooSpec, out: Path):
     return np.load(path, allow_pickle=False)
 
 
+def earlier_rows(out: Path) -> dict[str, dict]:
+    """The rows of <out>/results.json by run id ({} when there is none or it is unreadable)."""
+    import json
+
+    try:
+        return {r["run"]: r for r in json.loads((out / RESULTS_FILE).read_text())["runs"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
     """Read every finished run's numbers from its checkpoint, add its loss on the shared validation sample,
-    and write <out>/results.json."""
+    and write <out>/results.json. A run whose folder is gone keeps its row from the earlier results.json
+    (marked ``"carried": true``), so a results file can outlive the run folders it was made from."""
     import math
 
     from meshprobe.checkpoint import load_checkpoint
@@ -197,10 +208,12 @@ def collect_results(spec: ZooSpec, out: Path) -> list[dict]:
 
     task = zoo_task(spec)
     sample = validation_sample(spec, out) if task is None else None
-    rows = []
+    rows, earlier = [], earlier_rows(out)
     for run in spec.runs:
         path = out / run.run_id
         if not (path / "config.json").is_file():
+            if run.run_id in earlier:
+                rows.append({**earlier[run.run_id], "carried": True})
             continue
         model = load_checkpoint(path)
         config = model.checkpoint_config
