@@ -98,6 +98,12 @@ def recover_checkpoint(path: str | os.PathLike, locked: bool = False) -> Path:
     return _io.recover_dir(_io.real_path(path), CONFIG_FILE, locked=locked)
 
 
+def _beyond_loop(name: str, loops: int) -> bool:
+    """True for a parameter of loop step t >= loops (``loop.{t}.*``)."""
+    parts = name.split(".")
+    return parts[0] == "loop" and parts[1].isdigit() and int(parts[1]) >= loops
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> dict:
     """Parse and validate `config.json` of a checkpoint (the newest complete one saved to `path`, see
     :func:`resolve_checkpoint`); returns the whole JSON dict. An unknown top-level key (a newer meshprobe may
@@ -134,8 +140,15 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    loops: int | None = None):
     """Load a checkpoint directory and return the model (eval mode, weights cast to `dtype`).
+
+    loops: run a looped model ("P+CRK+Q") with this many loop steps instead of its trained K (test-time depth:
+    the tied core repeats `loops` times; `model.cfg` has the new layout, `checkpoint_config` stays the file's).
+    A variant with per-step parameters (MeSH routers, comb scalars) takes its first `loops` steps' parameters
+    and refuses more steps than trained; vanilla and unshared block layouts refuse `loops`
+    (:meth:`ModelConfig.with_loops`).
 
     The checkpoint's config.json is attached as `model.checkpoint_config` and the folder it was read from
     (`path`, or what an interrupted save left beside it: :func:`resolve_checkpoint`) as `model.checkpoint_dir`;
@@ -144,14 +157,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     for attempt in range(3):  # a concurrent save may switch folders between our reads: read again
         try:
-            return _load(path, device, dtype)
+            return _load(path, device, dtype, loops)
         except FileNotFoundError:
             if attempt == 2:
                 raise CheckpointError(f"checkpoint {path} kept changing while it was read") from None
     raise AssertionError  # pragma: no cover
 
 
-def _load(path, device, dtype):
+def _load(path, device, dtype, loops=None):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -160,6 +173,8 @@ def _load(path, device, dtype):
     config = read_checkpoint_config(path)
     folder = resolve_checkpoint(path)
     model_cfg = ModelConfig.from_dict(config["model"])
+    if loops is not None:
+        model_cfg = model_cfg.with_loops(loops)
     try:
         check_memory(model_cfg, 4, "its fp32 weights")
     except UserError as exc:
@@ -175,6 +190,8 @@ def _load(path, device, dtype):
         if isinstance(exc, FileNotFoundError):
             raise
         raise CheckpointError(f"{weights_path}: cannot read ({exc})") from None
+    if loops is not None:  # fewer steps than trained: the later steps' parameters are not used
+        tensors = {k: v for k, v in tensors.items() if not _beyond_loop(k, loops)}
     model = build_model(model_cfg, device="meta")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
