@@ -98,6 +98,17 @@ def recover_checkpoint(path: str | os.PathLike, locked: bool = False) -> Path:
     return _io.recover_dir(_io.real_path(path), CONFIG_FILE, locked=locked)
 
 
+def check_loops(path: str | os.PathLike, loops) -> None:
+    """Refuse, before any work, loop counts (an iterable of ints) the checkpoint at `path` cannot run with
+    (:meth:`ModelConfig.with_loops`); the UserError names the checkpoint."""
+    cfg = ModelConfig.from_dict(read_checkpoint_config(path)["model"])
+    for k in loops:
+        try:
+            cfg.with_loops(k)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+
+
 def _beyond_loop(name: str, loops: int) -> bool:
     """True for a parameter of loop step t >= loops (``loop.{t}.*``)."""
     parts = name.split(".")

@@ -143,8 +143,11 @@ def _check_positive(**values: int) -> None:
 
 def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] | None = None,
                         batches: int | None = None, batch_size: int | None = None, seq_len: int | None = None,
-                        device: str = "auto", split: str = "val") -> dict:
+                        device: str = "auto", split: str = "val", loops: int | None = None) -> dict:
     """Validation loss and perplexity of a checkpoint with its own tokenizer.
+
+    loops: run a looped model with this many loop steps (test-time depth, :func:`load_checkpoint`); the result's
+    "loops" is the K it ran with (None for vanilla / block layouts).
 
     Defaults come from the checkpoint's train metadata: the corpus (`data`), seq_len, batch_size and
     eval_batches (falling back to n_ctx, 16 and 50). Returns dict(checkpoint, data, split, loss, ppl, tokens,
@@ -152,14 +155,16 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
     (:func:`task_checkpoint_eval`).
     """
     from meshprobe import data
-    from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
+    from meshprobe.checkpoint import check_loops, load_checkpoint, read_checkpoint_config
     from meshprobe.data.tokenizer import load_tokenizer
 
     config = read_checkpoint_config(path)
     meta = config.get("metadata", {}) or {}
     tcfg = meta.get("train", {}) or {}
+    if loops is not None:
+        check_loops(path, [loops])
     if meta.get("task") is not None:
-        return task_checkpoint_eval(path, meta, data_spec, batches, batch_size, device, split)
+        return task_checkpoint_eval(path, meta, data_spec, batches, batch_size, device, split, loops)
     tokenizer = load_tokenizer(path, missing_ok=True)
     if tokenizer is None:
         raise UserError(f"{path} has no tokenizer.json; cannot tokenize evaluation text")
@@ -181,14 +186,20 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
     tokens = data.tokenize_corpus(corpus, tokenizer)[split]
     if len(tokens) < seq_len + 1:
         raise UserError(f"data {corpus.name}: only {len(tokens)} {split} tokens, need at least {seq_len + 1}")
-    model = load_checkpoint(path, device=dev)
+    model = load_checkpoint(path, device=dev, loops=loops)
     loss, n = evaluate(model, tokens, batch_size, seq_len, batches, dev, "auto")
     return {"checkpoint": str(path), "data": spec, "split": split, "loss": loss, "ppl": ppl(loss), "tokens": n,
             "batches": min(batches, math.ceil(((len(tokens) - 1) // seq_len) / batch_size)),
-            "batch_size": batch_size, "seq_len": seq_len, "step": meta.get("step")}
+            "batch_size": batch_size, "seq_len": seq_len, "step": meta.get("step"), "loops": _loops_of(model)}
 
 
-def task_checkpoint_eval(path, meta: dict, data_spec, batches, batch_size, device: str, split: str) -> dict:
+def _loops_of(model) -> int | None:
+    """The loop steps a looped model runs (None for vanilla and unshared block layouts)."""
+    return model.cfg.n_loops if model.cfg.shared else None
+
+
+def task_checkpoint_eval(path, meta: dict, data_spec, batches, batch_size, device: str, split: str,
+                        loops: int | None = None) -> dict:
     """`meshprobe eval` of a task checkpoint: loss (over defined targets) and task accuracy at the evaluated hop
     count on ``batches * batch_size`` sequences of the fixed evaluation set (seed 0, as in training)."""
     from meshprobe.data import tasks
@@ -206,8 +217,9 @@ def task_checkpoint_eval(path, meta: dict, data_spec, batches, batch_size, devic
     _check_positive(batches=batches, batch_size=batch_size)
     check_fits(8 * 4 * batches * batch_size * spec.n_ctx, f"{batches} x {batch_size} task sequences")
     dev = resolve_device(device)
-    res = evaluate_task(load_checkpoint(path, device=dev), spec, batches * batch_size, dev, chunk=256)
+    model = load_checkpoint(path, device=dev, loops=loops)
+    res = evaluate_task(model, spec, batches * batch_size, dev, chunk=256)
     return {"checkpoint": str(path), "data": spec.spec_string(), "split": split, "loss": res["val_loss"],
             "ppl": ppl(res["val_loss"]), "tokens": res["targets"], "batches": batches, "batch_size": batch_size,
             "seq_len": spec.n_ctx, "step": meta.get("step"), "task_acc": res["task_acc"],
-            "task_acc_by_hops": res["task_acc_by_hops"]}
+            "task_acc_by_hops": res["task_acc_by_hops"], "loops": _loops_of(model)}

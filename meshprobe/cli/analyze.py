@@ -24,6 +24,9 @@ overlap (when the split is long enough); metrics.json reports the share of probe
 16-gram with a probe training window either way.
 
 
+``--loops K`` (or ``--loops 1,2,...``) runs each looped meshprobe checkpoint with K loop steps (test-time depth:
+``load_checkpoint(path, loops=K)``), one model per K named ``NAME@K<K>``; a MeSH model runs at most its trained K.
+
 Transformers model directories (a config.json with ``model_type`` / ``architectures``; the looped LMs Dory,
 HRM-Text, Inkling-2 loop, Ouro, Huginn built in, any other with ``--loop-spec FILE.json``): every loop step is a
 state (``meshprobe.hf``); tokens from ``--data`` (default shakespeare) through the directory's own tokenizer, or
@@ -86,11 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token-probe classes: the most frequent target types (default 64)")
     parser.add_argument("--names", default=None, help="comma-separated display names, one per checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--loops", default=None, metavar="K[,K...]",
+                        help="test-time depth: run K loop steps instead of the trained / configured ones (checkpoints: "
+                             "several K analyse each, named NAME@K<K>)")
     hf = parser.add_argument_group("transformers model directories")
     hf.add_argument("--loop-spec", metavar="FILE.json", default=None,
                     help="where the loop steps live (default: the built-in spec of the architecture)")
-    hf.add_argument("--loops", type=int, default=None, metavar="K",
-                    help="run K loop steps instead of the config's (test-time depth)")
     hf.add_argument("--trust-remote-code", action="store_true",
                     help="allow a model directory's own modeling code (refused without this flag)")
 
@@ -119,8 +123,9 @@ def _validate(args) -> None:
             raise UserError("--offsets must name at least one offset")
     if args.tokens and args.data:
         raise UserError("give --tokens or --data, not both")
-    if args.loops is not None and args.loops < 1:
-        raise UserError(f"--loops must be at least 1, got {args.loops}")
+    from meshprobe.cli.eval import parse_loops
+
+    args.loops = parse_loops(args.loops)
 
 
 def _hf_dirs(args) -> bool:
@@ -131,8 +136,7 @@ def _hf_dirs(args) -> bool:
     if any(hf) and not all(hf):
         raise UserError("give either meshprobe checkpoints or transformers model directories, not both")
     if not any(hf):
-        for flag, value in (("--loop-spec", args.loop_spec), ("--loops", args.loops),
-                            ("--trust-remote-code", args.trust_remote_code or None)):
+        for flag, value in (("--loop-spec", args.loop_spec), ("--trust-remote-code", args.trust_remote_code or None)):
             if value is not None:
                 raise UserError(f"{flag} applies to transformers model directories only")
     return all(hf)
@@ -153,6 +157,8 @@ def _run_hf(args, done) -> int:
     from meshprobe.analysis.pipeline.hf_dirs import analyze_hf_dirs
 
     _refuse_remote_code(args.checkpoints, args.trust_remote_code, args.tokens)
+    if args.loops and len(args.loops) > 1:
+        raise UserError("--loops takes one K for transformers model directories")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
@@ -162,7 +168,8 @@ def _run_hf(args, done) -> int:
             if kind == "tmp":
                 _io.remove_dir(folder)
         moved = analyze_hf_dirs(
-            args.checkpoints, real, spec=args.loop_spec, trust_remote_code=args.trust_remote_code, loops=args.loops,
+            args.checkpoints, real, spec=args.loop_spec, trust_remote_code=args.trust_remote_code,
+            loops=args.loops[0] if args.loops else None,
             names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data, tokens=args.tokens,
             seed=args.seed, device=args.device, batch_size=args.batch_size,
             threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
@@ -188,7 +195,7 @@ def _run_task(args) -> int:
 
     names = args.names.split(",") if args.names else None
     moved = analyze_task_checkpoints(args.checkpoints, args.out, names=names, n_sequences=args.samples or 256,
-                                     seed=args.seed, data=args.data[0] if args.data else None)
+                                     seed=args.seed, data=args.data[0] if args.data else None, loops=args.loops)
     print(f"meshprobe analyze: wrote {len(moved)} files to {args.out} (ground_truth.json and the task figure)")
     return 0
 
@@ -229,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
             tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
             threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
             probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
-            max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done)
+            max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done,
+            loops=args.loops)
     figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == real})
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures: "
           f"{', '.join(figs)})")

@@ -19,16 +19,20 @@ from meshprobe import _io
 from meshprobe.errors import UserError
 
 
-def _load_task_models(paths, names=None):
+def _load_task_models(paths, names=None, loops=None):
+    """(task spec, {name: model}); with `loops`, every checkpoint at every K, named ``<name>@K<K>``."""
+    from meshprobe.checkpoint import check_loops, load_checkpoint
     from meshprobe.data import tasks
-    from meshprobe.checkpoint import load_checkpoint
 
     names = names or [Path(p).name for p in paths]
     if len(names) != len(paths):
         raise UserError(f"{len(names)} names for {len(paths)} checkpoints")
+    for path in paths if loops else []:
+        check_loops(path, loops)
     models, spec = {}, None
-    for name, path in zip(names, paths):
-        model = load_checkpoint(path)
+    for name, path, k in [(n, p, k) for n, p in zip(names, paths) for k in (loops or [None])]:
+        name = f"{name}@K{k}" if k else name
+        model = load_checkpoint(path, loops=k)
         entry = model.checkpoint_config.get("metadata", {}).get("task")
         if entry is None:
             raise UserError(f"{path} was not trained on a task (no metadata 'task'); analyze it without --data task:")
@@ -58,13 +62,14 @@ def _write(out: Path, spec, analyses: dict[str, dict], rows: list[dict], extra_f
 
 
 def analyze_task_checkpoints(paths, out: str | os.PathLike, names=None, n_sequences: int = 256, seed: int = 0,
-                             data: str | None = None) -> list[Path]:
+                             data: str | None = None, loops=None) -> list[Path]:
     """`meshprobe analyze` for task checkpoints: :func:`~meshprobe.analysis.ground_truth.analyze_task` of each
-    (on `n_sequences` evaluation sequences of seed `seed`) -> ground_truth.json and the task figure in `out`."""
+    (on `n_sequences` evaluation sequences of seed `seed`) -> ground_truth.json and the task figure in `out`.
+    `loops`: each checkpoint at each of these loop counts (test-time depth), named ``<name>@K<K>``."""
     from meshprobe.data import tasks
     from meshprobe.analysis.ground_truth import analyze_task
 
-    spec, models = _load_task_models(list(paths), names)
+    spec, models = _load_task_models(list(paths), names, loops)
     if data is not None and tasks.parse_task(data) != spec:
         raise UserError(f"the checkpoints were trained on {spec.spec_string()}, not {data}")
     analyses = {name: analyze_task(m, spec, n_sequences, seed=seed) for name, m in models.items()}

@@ -70,7 +70,8 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
                         batch_size: int = 8, threads: int | None = None, lens_positions: int | None = 64,
                         probes: bool = True, baseline: bool = True, offsets: Sequence[int] | None = None,
                         max_classes: int = 64, l2_mode: str = "per_offset", progress: bool = True,
-                        on_result: Callable[[dict], None] | None = None) -> list[Path]:
+                        on_result: Callable[[dict], None] | None = None,
+                        loops: Sequence[int] | None = None) -> list[Path]:
     """Analyse checkpoints and write ``out`` (metrics.json, report.md, figures; see :func:`write_outputs`).
 
     Every checkpoint's config is checked before any work. Tokens (:func:`~meshprobe.analysis.pipeline.analyze.
@@ -80,20 +81,26 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     is checked before the first checkpoint is analyzed (:func:`_check_inputs`). ``offsets``: the token probes'
     offsets (None: DEFAULT_OFFSETS, any beyond the windows noted in the report; given ones must lie inside the
     windows). ``on_result`` is called with each model's metrics as it finishes. Returns the files.
+    ``loops``: analyse every checkpoint at each of these loop counts (test-time depth, ``load_checkpoint(path,
+    loops=K)``), one model entry per (checkpoint, K) named ``<name>@K<K>``.
     """
-    from meshprobe.checkpoint import load_checkpoint, read_checkpoint_config
+    from meshprobe.checkpoint import check_loops, load_checkpoint, read_checkpoint_config
 
     paths = [Path(p) for p in checkpoints]
     configs = [read_checkpoint_config(p) for p in paths]  # fail fast on a bad checkpoint, before any work
     labels = display_names(names, paths)
+    for p in paths if loops else []:
+        check_loops(p, loops)
+    runs = [(p, f"{name}@K{k}" if k else name, k) for p, name in zip(paths, labels) for k in (loops or [None])]
+    labels = [name for _, name, _ in runs]
     dev = resolve_device(device)
     token_file = load_token_file(tokens) if tokens else None
     check_token_shapes(configs, paths, token_file, tokens, samples, seq_len)
     out = Path(out)
     _check_inputs(paths, configs, out, offsets, token_file=token_file, samples=samples, seq_len=seq_len, data=data)
     results = []
-    for p, name in zip(paths, labels):
-        model = load_checkpoint(p, device=dev)
+    for p, name, k in runs:
+        model = load_checkpoint(p, device=dev, loops=k)
         toks, source = checkpoint_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
                                          seq_len=seq_len, seed=seed, data=data)
         res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
