@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bundled task zoo (default: CHECKPOINTS/tasks when it has a zoo.json); its figure, "
                              "ground_truth.json and results.md go to OUT/tasks")
     parser.add_argument("--tasks-only", action="store_true", help="regenerate only the task figures")
+    parser.add_argument("--no-depth", action="store_true",
+                        help="skip the test-time depth figure (OUT/depth: the looped models run with K = 1..6)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,5 +40,10 @@ def run(args: argparse.Namespace) -> int:
             from meshprobe.paper.task_figures import regenerate_tasks
 
             files += regenerate_tasks(tasks_dir, Path(args.out) / "tasks", n_sequences=args.samples or 256)
+        if not (args.no_depth or args.tasks_only):
+            from meshprobe.depth_figures import regenerate_depth
+
+            files += regenerate_depth(args.checkpoints, Path(args.out) / "depth", tasks_dir=tasks_dir,
+                                      samples=args.samples)
     print(f"meshprobe figures: wrote {len(files)} files to {args.out}")
     return 0
