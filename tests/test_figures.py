@@ -21,6 +21,12 @@ def test_figures_from_bundled_checkpoints(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {m["name"] for m in metrics["models"]} >= {"base", "residual", "anchor", "mesh", "vanilla"}
     assert "Table 1 analogue" in (out / "tables.md").read_text()
+    depth = json.loads((out / "depth" / "depth.json").read_text())  # test-time depth: looped models at K = 1..6
+    assert (out / "depth" / "depth.png").stat().st_size > 5000
+    assert set(depth["text"]) == {"loop3-base", "loop3-residual", "loop3-anchor", "loop3-anchor_emb", "loop3-mesh"}
+    assert depth["text"]["loop3-mesh"]["loss"][3:] == [None] * 3 and None not in depth["text"]["loop3-base"]["loss"]
+    assert set(depth["task"]) == {"phop2-base", "phop2-anchor", "phop2-mesh"}
+    assert set(depth["task"]["phop2-base"]["acc"]) == {"1", "2", "3"}
 
 
 @pytest.mark.slow

@@ -44,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
             from meshprobe.depth_figures import regenerate_depth
 
             files += regenerate_depth(args.checkpoints, Path(args.out) / "depth", tasks_dir=tasks_dir,
-                                      samples=args.samples)
+                                      samples=args.samples, n_sequences=args.samples or 512)
     print(f"meshprobe figures: wrote {len(files)} files to {args.out}")
     return 0
