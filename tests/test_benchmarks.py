@@ -16,3 +16,29 @@ def test_mesh_cost_tiny():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "model" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["base", "MeSH, routers only", "MeSH"]
     assert rows[0].split("|")[3].strip().startswith("1.000")
+
+
+def test_mesh_stall_tiny(tmp_path):
+    """benchmarks/mesh_stall.py on a 4-step d32 +mesh task run that keeps a snapshot every 2 steps."""
+    import json
+
+    from meshprobe.cli import main
+
+    run = tmp_path / "m-s0"
+    assert main(["train", "--config", "cpu-zoo", "--out", str(run), "--quiet", "--d-model", "32", "--n-heads", "2",
+                 "--vocab-size", "10", "--n-ctx", "13", "--layout", "1+1R2+1", "--variant", "mesh", "--data",
+                 "task:phop:hops=2,symbols=8,seq_len=12,mix=1", "--batch-size", "8", "--steps", "4",
+                 "--eval-every", "2", "--eval-batches", "1", "--keep-every", "2"]) == 0
+    out = tmp_path / "stall.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mesh_stall.py"), "--runs", str(run),
+                           "--every", "2", "--sequences", "24", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    snaps = doc["runs"][0]["snapshots"]
+    assert [s["step"] for s in snaps] == [0, 2, 4] and out.with_suffix(".png").stat().st_size > 5000
+    router = snaps[0]["router"]
+    assert router["steps"] == ["entry", "loop 1", "loop 2"] and len(router["read"][0]) == router["slots"] == 5
+    assert all(abs(sum(w) - 1) < 1e-6 for w in router["read"] + router["write"])
+    assert snaps[-1]["latent_map"]["states"][:2] == ["h_emb", "h^(0)"] and "h^(2)" in snaps[-1]["patching"]["sites"]
