@@ -118,3 +118,15 @@ def test_text_depth_loss_and_lens(tmp_path):
     r = text_depth(path, tokens, loops=[1, 3, 4], batch_size=4)
     assert r["loss"][1] == pytest.approx(sample_loss(model, tokens)) and len(r["lens"][2]) == 5  # h^(0..4)
     assert r["trained_loops"] == 3 and r["lens"][0][:2] == pytest.approx(r["lens"][1][:2])
+
+
+def test_analyze_text_checkpoint_at_each_k(tmp_path):
+    path, _ = saved(tmp_path, "base")
+    tokens = tmp_path / "t.npy"
+    np.save(tokens, np.random.default_rng(0).integers(0, 97, (8, 16)))
+    out = tmp_path / "an"
+    assert main(["analyze", str(path), "--out", str(out), "--loops", "2,4", "--tokens", str(tokens), "--no-probes",
+                 "--no-progress", "--lens-positions", "0"]) == 0
+    models = json.loads((out / "metrics.json").read_text())["models"]
+    assert [m["name"] for m in models] == ["base@K2", "base@K4"]
+    assert [len(m["lens"]["states"]) for m in models] == [5, 7]  # h_emb, h^(0..K), h_out
