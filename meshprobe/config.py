@@ -228,12 +228,12 @@ class ModelConfig:
         step (mesh routers, comb scalars) has them for its trained K only, so it runs at most K steps (the first
         `loops` steps' parameters). Raises UserError naming `loops` otherwise."""
         if not isinstance(loops, int) or isinstance(loops, bool) or loops < 1:
-            raise UserError(f"loops must be an integer >= 1, got {loops!r}")
+            raise UserError(f"loops= must be an integer >= 1, got {loops!r}")
         if self.is_vanilla or not self.shared:
-            raise UserError(f"loops: a {self.variant} model with layout {self.layout!r} has no looped core "
+            raise UserError(f"loops={loops}: a {self.variant} model with layout {self.layout!r} has no looped core "
                             "(only layouts 'P+CRK+Q' run with another loop count)")
         if loops > self.n_loops and self.variant in self.PER_STEP_VARIANTS:
-            raise UserError(f"loops {loops}: this {self.variant} model has per-step parameters for its trained "
+            raise UserError(f"loops={loops}: this {self.variant} model has per-step parameters for its trained "
                             f"{self.n_loops} loop steps only; give loops <= {self.n_loops}")
         return dataclasses.replace(self, layout=f"{self.prelude_layers}+{self.block_layers[0]}R{loops}+{self.coda_layers}")
 

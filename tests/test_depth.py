@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from meshprobe import build_model, load_checkpoint, save_checkpoint, tasks
+from meshprobe import build_model, load_checkpoint, save_checkpoint
+from meshprobe.data import tasks
 from meshprobe.cli import main
 from meshprobe.errors import UserError
 from meshprobe.evaluate import evaluate_task
-from tests.conftest import tiny_cfg
+from conftest import tiny_cfg
 
 TASK = "task:phop:hops=2,symbols=8,seq_len=12,mix=1"
 
@@ -53,7 +54,7 @@ def test_more_loops_repeat_the_core(tmp_path):
     (dict(variant="mesh"), 4, "trained 3 loop steps"), (dict(variant="static_comb"), 5, "loops <= 3"),
     (dict(variant="vanilla", layout="5"), 2, "no looped core"), (dict(variant="mesh", layout="1+2+2+1"), 1,
                                                                   "no looped core"),
-    (dict(variant="base"), 0, "loops must be an integer >= 1")])
+    (dict(variant="base"), 0, "must be an integer >= 1")])
 def test_loops_that_cannot_run_are_one_line_errors(tmp_path, cfg, loops, message):
     path, _ = saved(tmp_path, "m", **cfg)
     with pytest.raises(UserError, match=message):
@@ -81,7 +82,7 @@ def test_eval_loops_sweep_one_result_per_k(task_run, capsys):
 
 
 @pytest.mark.parametrize("loops, message", [("0", "--loops must be"), ("1,x", "--loops must be"),
-                                            ("1,3", "trained 2 loop steps")])
+                                            ("1,3", "--loops 3: this mesh model has per-step parameters for its trained 2")])
 def test_eval_and_analyze_refuse_bad_loops_before_any_work(task_run, tmp_path, capsys, loops, message):
     assert main(["eval", str(task_run), "--loops", loops]) == 2
     assert message in capsys.readouterr().err

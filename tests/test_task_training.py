@@ -192,7 +192,7 @@ def test_keep_every_keeps_light_snapshots_beside_the_run(tmp_path):
     """keep_every: step 0 and every N steps kept as loadable weights + config (no optimizer state), beside the
     run; a resumed run passing the steps again keeps the same set."""
     from meshprobe import load_checkpoint
-    from meshprobe.train.state import snapshot_dir, snapshot_paths
+    from meshprobe.training.state import snapshot_dir, snapshot_paths
 
     out = tmp_path / "run"
     assert main(train_args(out, "--keep-every", "2", "--stop-after", "3")) == 0

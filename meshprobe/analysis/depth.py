@@ -1,6 +1,6 @@
 """Test-time depth: a trained looped model run with K loop steps (``load_checkpoint(path, loops=K)``), K other
 than the trained one, on text and on a ground-truth task. Plain functions that take a checkpoint path and
-return JSON-ready dicts; the figure is in :mod:`meshprobe.analysis.depth_plots`.
+return JSON-ready dicts; the figure is in :mod:`meshprobe.analysis.plots.depth`.
 
 * :func:`text_depth` -- for each K: the next-token loss of the model run with K loop steps on a token sample,
   and the per-state lens: the loss of the final LayerNorm + unembedding read straight from every state h^(0),
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from meshprobe import tasks
+from meshprobe.data import tasks
 from meshprobe.hooks import recursive_state_hooks
 
 DEFAULT_LOOPS = (1, 2, 3, 4, 5, 6)

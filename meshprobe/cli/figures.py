@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
             files += regenerate_tasks(tasks_dir, Path(args.out) / "tasks", n_sequences=args.samples or 256)
         if not (args.no_depth or args.tasks_only):
-            from meshprobe.depth_figures import regenerate_depth
+            from meshprobe.paper.depth_figures import regenerate_depth
 
             files += regenerate_depth(args.checkpoints, Path(args.out) / "depth", tasks_dir=tasks_dir,
                                       samples=args.samples, n_sequences=args.samples or 512)

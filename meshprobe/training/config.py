@@ -40,7 +40,7 @@ class TrainConfig:
     save_every      a checkpoint every N steps (0 = only at step 0, on stop and at the end)
     keep_every      keep a light snapshot (weights + config.json, no optimizer state) at step 0 and every N
                     steps in ``<out_dir>.snapshots/step-NNNNNN`` beside the checkpoint, so analyses can follow a
-                    run over training (:func:`meshprobe.train.state.snapshot_paths` lists them); 0 = none
+                    run over training (:func:`meshprobe.training.state.snapshot_paths` lists them); 0 = none
     compile         torch.compile the model
     device          "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     precision       "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"

@@ -35,7 +35,7 @@ def regenerate_depth(checkpoints: str | os.PathLike = "checkpoints", out: str | 
     import numpy as np
 
     from meshprobe.analysis.depth import task_depth, text_depth
-    from meshprobe.analysis.depth_plots import plot_depth
+    from meshprobe.analysis.plots.depth import plot_depth
 
     root = Path(checkpoints)
     tasks_root = Path(tasks_dir) if tasks_dir is not None else root / "tasks"

@@ -27,7 +27,7 @@ def plot_depth(text: dict[str, dict], task: dict[str, dict], out_dir: Path, stem
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from meshprobe.analysis.plots import save_figure
+    from meshprobe.analysis.plots.diagnostics import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     ax = axes[0]
