@@ -149,7 +149,7 @@ def plot(doc: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", type=Path, required=True, help="zoo run folders with snapshots")
+    ap.add_argument("--runs", nargs="*", type=Path, default=[], help="zoo run folders with snapshots")
     ap.add_argument("--results", nargs="*", type=Path, default=[], help="zoo results.json files to tabulate")
     ap.add_argument("--every", type=int, default=500, help="analyse the snapshots at multiples of this step")
     ap.add_argument("--sequences", type=int, default=128, help="evaluation sequences of the analyses")
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
            "runs": [run_rows(r, args.every, args.sequences, not args.no_probes) for r in args.runs],
            "solve_table": solve_table(args.results)}
     _io.write_json(args.out, doc, allow_nan=True)
-    plot(doc, args.out.with_suffix(".png"))
+    if doc["runs"]:
+        plot(doc, args.out.with_suffix(".png"))
     print(f"mesh_stall: wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
     return 0
 
