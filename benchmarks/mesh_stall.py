@@ -26,12 +26,11 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from meshprobe import _io, load_checkpoint
-from meshprobe.data import tasks
 from meshprobe.analysis.ground_truth import analyze_task
+from meshprobe.data import tasks
 from meshprobe.evaluate import evaluate_task
 from meshprobe.hooks import MESH_HOOKS, mesh_steps
 from meshprobe.training.state import snapshot_paths

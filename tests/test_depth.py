@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 
 from meshprobe import build_model, load_checkpoint, save_checkpoint
-from meshprobe.data import tasks
 from meshprobe.cli import main
+from meshprobe.data import tasks
 from meshprobe.errors import UserError
 from meshprobe.evaluate import evaluate_task
-from conftest import tiny_cfg
 
 TASK = "task:phop:hops=2,symbols=8,seq_len=12,mix=1"
 

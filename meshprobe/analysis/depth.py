@@ -17,7 +17,7 @@ scalars: :meth:`meshprobe.config.ModelConfig.with_loops`).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
