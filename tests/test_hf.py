@@ -394,8 +394,10 @@ def test_analyze_flags_for_hf_dirs_only(dirs, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps({"model": {"layout": "1+1R2+1"}}))
-    assert main(["analyze", str(ckpt), "--out", str(tmp_path / "o"), "--loops", "3"]) == 2
-    assert "--loops applies to transformers model directories only" in capsys.readouterr().err
+    assert main(["analyze", str(ckpt), "--out", str(tmp_path / "o"), "--loop-spec", "x.json"]) == 2
+    assert "--loop-spec applies to transformers model directories only" in capsys.readouterr().err
+    assert main(["analyze", str(dirs["dory"]), "--out", str(tmp_path / "o"), "--loops", "2,3"]) == 2
+    assert "--loops takes one K for transformers model directories" in capsys.readouterr().err
     assert main(["analyze", str(ckpt), str(dirs["dory"]), "--out", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["analyze", str(dirs["hrm"]), "--out", str(tmp_path / "o"), "--loops", "0"]) == 2

@@ -419,12 +419,6 @@ def save(run: Run, status: str) -> None:
     barrier(run.world)
 
 
-def keep_snapshot(run: Run) -> None:
-    """With ``keep_every``: a light copy of the model at this step (:func:`state.save_snapshot`)."""
-    if run.rank == 0 and run.cfg.keep_every:
-        S.save_snapshot(run.model, run.out_dir, run.step, run.tokenizer, metadata(run, "snapshot"))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------------------
@@ -446,7 +440,7 @@ def _loop(run: Run) -> dict:
         S.begin_writing(run.out_dir, run.take_lock)
     if not run.resuming:
         save(run, "started")  # creates (or replaces, with overwrite) out_dir; the live log is appended to it
-        keep_snapshot(run)
+        S.keep_snapshot(run, metadata)
     elif run.rank == 0:
         _io.write_text(run.out_dir / S.LOG_FILE, _io.jsonl_text(run.records))  # cut back to the checkpoint
     status, timer, bar = "completed", {"t": time.time(), "tokens": 0}, None
@@ -473,8 +467,7 @@ def _loop(run: Run) -> dict:
                     log_train(run, grad_norm, timer, bar)
                 if need_eval:
                     log_eval(run, timer, bar)
-                if cfg.keep_every and step % cfg.keep_every == 0:
-                    keep_snapshot(run)
+                S.keep_snapshot(run, metadata)  # with keep_every, at its steps
                 solved_now = need_eval and taskdata.solved(run) and not last
                 if stop_now or stopped_after or solved_now:
                     status = "solved" if solved_now else "interrupted" if stop_now else "stopped"

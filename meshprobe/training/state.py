@@ -65,13 +65,16 @@ def snapshot_paths(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_snapshot(model, out_dir: Path, step: int, tokenizer, metadata: dict) -> Path:
-    """Keep a light copy of `model` at `step` (weights + config.json with the checkpoint metadata, no optimizer
-    or RNG state) at :func:`snapshot_path`, with the checkpoint save protocol: a resumed run that passes the
-    step again replaces it."""
+def keep_snapshot(run, metadata) -> None:
+    """With ``keep_every``, at step 0 and every ``keep_every`` steps: a light copy of the run's model (weights +
+    config.json with ``metadata(run, "snapshot")``, no optimizer or RNG state) at :func:`snapshot_path`, with the
+    checkpoint save protocol (a resumed run that passes the step again replaces it). Rank 0 only."""
     from meshprobe.checkpoint import save_checkpoint
 
-    return save_checkpoint(model, snapshot_path(out_dir, step), tokenizer=tokenizer, **metadata)
+    every = run.cfg.keep_every
+    if run.rank == 0 and every and run.step % every == 0:
+        save_checkpoint(run.model, snapshot_path(run.out_dir, run.step), tokenizer=run.tokenizer,
+                        **metadata(run, "snapshot"))
 
 
 _POLICY_KEYS = ("fused", "foreach", "capturable", "differentiable")
