@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     _io.write_json(args.out, doc, allow_nan=True)
     if doc["runs"]:
         plot(doc, args.out.with_suffix(".png"))
-    print(f"mesh_stall: wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+    print(f"mesh_stall: wrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if doc["runs"] else ""),
+          file=sys.stderr)
     return 0
 
 
