@@ -31,6 +31,7 @@ FORMAT = "meshprobe-checkpoint"
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 CONFIG_KEYS = ("format", "format_version", "model", "metadata")
+VAL_TOKENS_FILE = "val_tokens.npy"  # a checkpoint's own validation sample [N, seq] (bundled checkpoints ship one)
 _warned: set[str] = set()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -125,11 +126,12 @@ def evaluate_task(model, spec, n_sequences: int, device, precision: str = "auto"
 
 def sample_loss(model, tokens: np.ndarray, batch_size: int = 50) -> float:
     """Mean next-token loss of `model` over a token array [N, seq] (every position but the last predicts the
-    next token; every sequence weighs the same)."""
+    next token; every sequence weighs the same), on the model's device."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, len(tokens), batch_size):
-            x = torch.from_numpy(tokens[i:i + batch_size].astype("int64"))
+            x = torch.from_numpy(tokens[i:i + batch_size].astype("int64")).to(device)
             total += token_loss(model(x)[:, :-1], x[:, 1:]).item() * x.numel()
             count += x.numel()
     return total / count
@@ -149,13 +151,14 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
     loops: run a looped model with this many loop steps (test-time depth, :func:`load_checkpoint`); the result's
     "loops" is the K it ran with (None for vanilla / block layouts).
 
-    Defaults come from the checkpoint's train metadata: the corpus (`data`), seq_len, batch_size and
-    eval_batches (falling back to n_ctx, 16 and 50). Returns dict(checkpoint, data, split, loss, ppl, tokens,
+    Without ``data_spec``, a checkpoint that ships its validation sample (``val_tokens.npy``: bundled checkpoints
+    do) is evaluated on it, so it needs no corpus. Otherwise defaults come from the checkpoint's train metadata:
+    the corpus (`data`), seq_len, batch_size and eval_batches (falling back to n_ctx, 16 and 50). Returns dict(checkpoint, data, split, loss, ppl, tokens,
     batches, batch_size, seq_len, step). A task checkpoint (metadata "task") is evaluated on its task
     (:func:`task_checkpoint_eval`).
     """
     from meshprobe import data
-    from meshprobe.checkpoint import check_loops, load_checkpoint, read_checkpoint_config
+    from meshprobe.checkpoint import VAL_TOKENS_FILE, check_loops, load_checkpoint, read_checkpoint_config
     from meshprobe.data.tokenizer import load_tokenizer
 
     config = read_checkpoint_config(path)
@@ -165,6 +168,9 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
         check_loops(path, [loops])
     if meta.get("task") is not None:
         return task_checkpoint_eval(path, meta, data_spec, batches, batch_size, device, split, loops)
+    own = Path(path) / VAL_TOKENS_FILE
+    if not data_spec and split == "val" and own.is_file():
+        return _own_sample_eval(path, own, config, batches, batch_size, seq_len, device, loops)
     tokenizer = load_tokenizer(path, missing_ok=True)
     if tokenizer is None:
         raise UserError(f"{path} has no tokenizer.json; cannot tokenize evaluation text")
@@ -190,6 +196,34 @@ def evaluate_checkpoint(path: str | os.PathLike, data_spec: str | Sequence[str] 
     loss, n = evaluate(model, tokens, batch_size, seq_len, batches, dev, "auto")
     return {"checkpoint": str(path), "data": spec, "split": split, "loss": loss, "ppl": ppl(loss), "tokens": n,
             "batches": min(batches, math.ceil(((len(tokens) - 1) // seq_len) / batch_size)),
+            "batch_size": batch_size, "seq_len": seq_len, "step": meta.get("step"), "loops": _loops_of(model)}
+
+
+def _own_sample_eval(path, own: Path, config: dict, batches, batch_size, seq_len, device: str, loops) -> dict:
+    """`meshprobe eval` without a corpus of a checkpoint that ships its validation sample (``val_tokens.npy``):
+    the loss over its first ``batches * batch_size`` rows (default all), first ``seq_len`` tokens of each."""
+    from meshprobe.checkpoint import VAL_TOKENS_FILE, load_checkpoint
+
+    try:
+        arr = np.load(own, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"{own}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+    if arr.ndim != 2 or arr.dtype.kind not in "iu" or arr.shape[1] < 2:
+        raise UserError(f"{own}: need a 2-d integer array [N, seq], got {arr.dtype} {arr.shape}")
+    batch_size = batch_size if batch_size is not None else 16
+    batches = batches if batches is not None else math.ceil(len(arr) / batch_size)
+    seq_len = seq_len if seq_len is not None else arr.shape[1]
+    _check_positive(batches=batches, batch_size=batch_size, seq_len=seq_len)
+    if seq_len > min(arr.shape[1], config["model"]["n_ctx"]):
+        raise UserError(f"seq_len={seq_len} is above the sample's {arr.shape[1]} tokens or the model context")
+    if int(arr.max()) >= config["model"]["vocab_size"]:
+        raise UserError(f"{own}: token ids beyond the model vocabulary")
+    rows = arr[:batches * batch_size, :seq_len]
+    model = load_checkpoint(path, device=resolve_device(device), loops=loops)
+    loss = sample_loss(model, rows, batch_size)
+    meta = config.get("metadata", {}) or {}
+    return {"checkpoint": str(path), "data": f"its own validation sample ({VAL_TOKENS_FILE})", "split": "val",
+            "loss": loss, "ppl": ppl(loss), "tokens": int(rows.size), "batches": math.ceil(len(rows) / batch_size),
             "batch_size": batch_size, "seq_len": seq_len, "step": meta.get("step"), "loops": _loops_of(model)}
 
 

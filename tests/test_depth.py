@@ -2,6 +2,7 @@
 
 Tiny d32 models saved untrained (the checks are exact identities, not accuracies) and a short task run."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from meshprobe.cli import main
 from meshprobe.data import tasks
 from meshprobe.errors import UserError
 from meshprobe.evaluate import evaluate_task
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TASK = "task:phop:hops=2,symbols=8,seq_len=12,mix=1"
 
@@ -131,3 +134,16 @@ def test_analyze_text_checkpoint_at_each_k(tmp_path):
     models = json.loads((out / "metrics.json").read_text())["models"]
     assert [m["name"] for m in models] == ["base@K2", "base@K4"]
     assert [len(m["lens"]["states"]) for m in models] == [5, 7]  # h_emb, h^(0..K), h_out
+
+
+def test_eval_of_a_bundled_checkpoint_needs_no_corpus(capsys):
+    """Bundled checkpoints ship val_tokens.npy: eval reads it when no --data is given (the corpus they were
+    trained on is not on this machine), and its loss is the mean over those rows."""
+    from meshprobe.evaluate import sample_loss
+
+    ckpt = ROOT / "checkpoints" / "loop3-base"
+    assert main(["eval", str(ckpt), "--batches", "1", "--batch-size", "3", "--seq-len", "32", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert "val_tokens.npy" in res["data"] and res["tokens"] == 3 * 32
+    rows = np.load(ckpt / "val_tokens.npy")[:3, :32]
+    assert abs(res["loss"] - sample_loss(load_checkpoint(ckpt), rows)) < 1e-5

@@ -1,6 +1,6 @@
 """The test-time depth part of `meshprobe figures`: the bundled looped models run with K = 1..6 loop steps.
 
-    regenerate_depth("checkpoints", "figures/depth")     # depth.png/.pdf + depth.json
+    regenerate_depth("checkpoints", "figures/depth")     # depth.png/.pdf + depth.json + depth.md (tables)
 
 Inputs: the text zoo (``checkpoints/zoo.json``, its looped models, ``val_tokens.npy``) and, when bundled, the task
 zoo (``checkpoints/tasks/zoo.json``). Every looped model of each is run at every K it can
@@ -25,6 +25,37 @@ def _looped(root: Path) -> list[str]:
 
     manifest = json.loads((root / "zoo.json").read_text())
     return [m["name"] for m in manifest["models"] if m["variant"] != "vanilla" and parse_layout(m["layout"])[3]]
+
+
+def _cell(values, i: int, digits: int) -> str:
+    return f"{values[i]:.{digits}f}" if i < len(values) and values[i] is not None else "—"
+
+
+def depth_markdown(doc: dict) -> str:
+    """The tables of depth.json as markdown (the docs include this file; nothing is copied by hand)."""
+    loops = doc["loops"]
+    head = "| model | " + " | ".join(f"K = {k}" for k in loops) + " |"
+    rule = "|---|" + "---:|" * len(loops)
+    lines = ["<!-- written by `meshprobe figures` (meshprobe/paper/depth_figures.py); do not edit -->", ""]
+    if doc["text"]:
+        lines += ["Validation loss (nats) of the bundled looped models run with K loop steps "
+                  f"(`{doc['text_source']}`; trained K marked *):", "", head, rule]
+        for name, r in doc["text"].items():
+            cells = [_cell(r["loss"], r["loops"].index(k), 3) if k in r["loops"] else "—" for k in loops]
+            cells = [c + ("*" if k == r["trained_loops"] else "") for c, k in zip(cells, loops)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if doc["task"]:
+        lines += ["Task accuracy per hop count p of the bundled task models run with K loop steps (p = 3 is asked "
+                  "as p = 2 and scored against hop 3; the last column is what answering the asked hop scores):",
+                  "", "| model | p | " + " | ".join(f"K = {k}" for k in loops) + " | asked-hop level |",
+                  "|---|---:|" + "---:|" * (len(loops) + 1)]
+        for name, r in doc["task"].items():
+            for p_, acc in r["acc"].items():
+                cells = [_cell(acc, r["loops"].index(k), 3) if k in r["loops"] else "—" for k in loops]
+                lines.append(f"| {name} | {p_} | " + " | ".join(cells) + f" | {r['hop_p_answer'][p_]:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def regenerate_depth(checkpoints: str | os.PathLike = "checkpoints", out: str | os.PathLike = "figures/depth",
@@ -52,5 +83,6 @@ def regenerate_depth(checkpoints: str | os.PathLike = "checkpoints", out: str | 
     with _io.staging_dir(Path(out)) as tmp:
         plot_depth(text, task, tmp)
         (tmp / "depth.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        (tmp / "depth.md").write_text(depth_markdown(doc), encoding="utf-8")
         Path(out).mkdir(parents=True, exist_ok=True)
         return _io.move_into(tmp, Path(out))

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshprobe import _io
+from meshprobe.checkpoint import VAL_TOKENS_FILE
 from meshprobe.errors import UserError
 
 RESULTS_FILE = "results.json"
 MANIFEST_FILE = "zoo.json"
-VAL_TOKENS_FILE = "val_tokens.npy"
 ZOO_DIR = Path(__file__).resolve().parents[1] / "configs" / "zoo"
 
 

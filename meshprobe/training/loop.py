@@ -218,7 +218,7 @@ def setup(model_cfg, cfg, out_dir, resuming, device, rank, world, micro, show, s
 
 def _setup_data(run: Run, resuming: bool) -> None:
     """Corpus, tokenizer and token arrays; every check happens before anything is written."""
-    cfg, out_dir = run.cfg, run.out_dir
+    cfg = run.cfg
     corpus = data.open_corpus(cfg.data, quiet=run.rank != 0)
     if resuming and (run.src / TOKENIZER_FILE).is_file():
         tokenizer, tok_source = data.load_tokenizer(run.src / TOKENIZER_FILE), "checkpoint"

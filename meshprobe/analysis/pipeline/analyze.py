@@ -65,6 +65,7 @@ from meshprobe.analysis.pipeline.collect import check_tokens, iter_caches, state
 from meshprobe.analysis.pipeline.schema import METRICS_KEYS, metric_key_paths, to_jsonable
 from meshprobe.analysis.probes.suite import ProbeSuite, random_init_baseline
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
+from meshprobe.checkpoint import VAL_TOKENS_FILE as BUNDLED_TOKENS
 from meshprobe.errors import UserError
 from meshprobe.runtime import torch_threads
 
@@ -73,7 +74,6 @@ __all__ = ["Analyzer", "Metrics", "analyze", "analyze_model", "sample_tokens", "
 
 DEFAULT_SAMPLES = 500
 DEFAULT_SEQ_LEN = 256
-BUNDLED_TOKENS = "val_tokens.npy"  # a checkpoint's own validation sample [N, seq] (bundled checkpoints ship one)
 
 
 def _model_info(model) -> dict[str, Any]:
