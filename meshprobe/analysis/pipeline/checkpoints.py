@@ -98,16 +98,26 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     check_token_shapes(configs, paths, token_file, tokens, samples, seq_len)
     out = Path(out)
     _check_inputs(paths, configs, out, offsets, token_file=token_file, samples=samples, seq_len=seq_len, data=data)
+    return analyze_and_write(
+        runs, out, labels, lambda p, k: load_checkpoint(p, device=dev, loops=k),
+        lambda model, p: checkpoint_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
+                                           seq_len=seq_len, seed=seed, data=data),
+        on_result, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
+        offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes, l2_mode=l2_mode,
+        progress=progress, seed=seed, threads=threads, lens_positions=lens_positions)
+
+
+def analyze_and_write(runs: Sequence[tuple[Path, str, Any]], out: Path, labels: list[str],
+                      load_one: Callable[[Path, Any], Any], tokens_for: Callable[[Any, Path], tuple],
+                      on_result: Callable[[dict], None] | None = None, **analysis) -> list[Path]:
+    """One model in memory at a time: for each ``(path, name, extra)`` of ``runs``, ``load_one(path, extra)``,
+    ``tokens_for(model, path) -> (tokens, source)``, :func:`analyze_model` with ``analysis``; then
+    :func:`write_outputs` once. Shared by meshprobe checkpoints and transformers directories."""
     results = []
-    for p, name, k in runs:
-        model = load_checkpoint(p, device=dev, loops=k)
-        toks, source = checkpoint_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
-                                         seq_len=seq_len, seed=seed, data=data)
-        res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
-                            offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes,
-                            l2_mode=l2_mode, progress=progress,
-                            seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
-                            lens_positions=lens_positions)
+    for path, name, extra in runs:
+        model = load_one(path, extra)
+        tokens, source = tokens_for(model, path)
+        res = analyze_model(model, tokens, name=name, checkpoint=str(path), source=source, **analysis)
         results.append(res)
         if on_result is not None:
             on_result(res)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from meshprobe.analysis.pipeline.analyze import (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, _rows, analyze_model,
-                                                 check_token_shapes, load_token_file)
-from meshprobe.analysis.pipeline.checkpoints import display_names, plot_analysis, write_outputs
+from meshprobe.analysis.pipeline.analyze import (DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, _rows, check_token_shapes,
+                                                 load_token_file)
+from meshprobe.analysis.pipeline.checkpoints import analyze_and_write, display_names
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
 from meshprobe.errors import UserError
 from meshprobe.hf.hooked import CTX_FIELDS
@@ -127,18 +126,11 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"out={out} exists and is not a folder")
-    results: list[dict[str, Any]] = []
-    for p, name in zip(paths, labels):
-        model = load(p, spec=spec, trust_remote_code=trust_remote_code, device=dev, loops=loops)
-        toks, source = dir_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
-                                  seq_len=seq_len, seed=seed, data=data)
-        res = analyze_model(model, toks, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
-                            offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes,
-                            l2_mode=l2_mode, progress=progress,
-                            seed=seed, name=name, checkpoint=str(p), source=source, threads=threads,
-                            lens_positions=lens_positions)
-        results.append(res)
-        if on_result is not None:
-            on_result(res)
-        del model
-    return write_outputs(out, results, lambda tmp: plot_analysis(results, labels, tmp))
+    return analyze_and_write(
+        [(p, name, None) for p, name in zip(paths, labels)], out, labels,
+        lambda p, _: load(p, spec=spec, trust_remote_code=trust_remote_code, device=dev, loops=loops),
+        lambda model, p: dir_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
+                                    seq_len=seq_len, seed=seed, data=data),
+        on_result, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
+        offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes, l2_mode=l2_mode,
+        progress=progress, seed=seed, threads=threads, lens_positions=lens_positions)
