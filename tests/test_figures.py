@@ -31,7 +31,8 @@ def test_figures_from_bundled_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_figures_are_byte_identical_whatever_the_thread_count(tmp_path):
-    """Probes included: their fits are where a second thread used to move numbers in the third decimal."""
+    """Probes included: their fits are where a second thread used to move numbers in the third decimal. (The
+    depth figure is left out for time: it runs under the same one-thread rule.)"""
     import filecmp
     import os
     import subprocess
@@ -42,7 +43,8 @@ def test_figures_are_byte_identical_whatever_the_thread_count(tmp_path):
         out = tmp_path / f"threads-{threads}"
         env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         subprocess.run([sys.executable, "-m", "meshprobe", "figures", "--checkpoints", str(CHECKPOINTS), "--out",
-                        str(out), "--samples", "8", "--no-progress"], env=env, check=True, capture_output=True)
+                        str(out), "--samples", "8", "--no-depth", "--no-progress"], env=env, check=True,
+                       capture_output=True)
         outs.append(out)
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
     assert len(files) > 50 and files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
