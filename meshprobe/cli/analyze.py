@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from meshprobe.errors import UserError
@@ -153,7 +154,6 @@ def _refuse_remote_code(paths, trust: bool, tokens=None) -> None:
 
 
 def _run_hf(args, done) -> int:
-    from meshprobe import _io
     from meshprobe.analysis.pipeline.hf_dirs import analyze_hf_dirs
 
     _refuse_remote_code(args.checkpoints, args.trust_remote_code, args.tokens)
@@ -162,11 +162,7 @@ def _run_hf(args, done) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    real = _io.real_path(out)
-    with _io.created_parents(real), _io.out_lock(real, "analyze"):
-        for kind, _, _, folder in _io.leftovers(real):
-            if kind == "tmp":
-                _io.remove_dir(folder)
+    with _publishing(out) as real:
         moved = analyze_hf_dirs(
             args.checkpoints, real, spec=args.loop_spec, trust_remote_code=args.trust_remote_code,
             loops=args.loops[0] if args.loops else None,
@@ -206,6 +202,20 @@ def default_out(checkpoints: list[str]) -> str:
     return str(Path("runs") / "analyze" / "+".join(names))
 
 
+@contextmanager
+def _publishing(out: Path):
+    """Hold the lock ``.OUT.lock`` beside the real output folder (its parents created) and remove the staging
+    folders that killed runs left beside it; yields the real path."""
+    from meshprobe import _io
+
+    real = _io.real_path(out)
+    with _io.created_parents(real), _io.out_lock(real, "analyze"):
+        for kind, _, _, folder in _io.leftovers(real):  # staging folders of killed runs (we hold the lock)
+            if kind == "tmp":
+                _io.remove_dir(folder)
+        yield real
+
+
 def _done(res: dict) -> None:
     print(f"meshprobe analyze: {res['name']}: {res['data']['n_samples']} samples x {res['data']['seq_len']} "
           f"tokens in {res['data']['seconds']:.1f} s", file=sys.stderr)
@@ -222,15 +232,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_hf(args, _done)
     if _is_task_run(args):
         return _run_task(args)
-    from meshprobe import _io
     from meshprobe.analysis.pipeline.checkpoints import analyze_checkpoints
 
     out = Path(args.out)
-    real = _io.real_path(out)
-    with _io.created_parents(real), _io.out_lock(real, "analyze"):
-        for kind, _, _, folder in _io.leftovers(real):  # staging folders of killed runs (we hold the lock)
-            if kind == "tmp":
-                _io.remove_dir(folder)
+    with _publishing(out) as real:
         moved = analyze_checkpoints(
             args.checkpoints, real, names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data,
             tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
