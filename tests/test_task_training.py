@@ -162,6 +162,20 @@ def test_task_zoo_trains_collects_and_bundles(tmp_path):
     assert main(["zoo", "--spec", str(spec_file), "--out", str(tmp_path / "runs"), "--no-train"]) == 0
     carried = json.loads((tmp_path / "runs" / "results.json").read_text())["runs"]
     assert carried == [{**row, "carried": True}]
+    # a merging bundle: seed 1 of another spec's run replaces the bundled "b"; the rest of the bundle stays
+    merge_file = tmp_path / "m.toml"
+    merge_file.write_text(spec_file.read_text().split("[[run]]")[0] + '[[run]]\nname = "m"\nvariant = "anchor"\n'
+                          'seeds = [1]\n[bundle]\nruns = ["m-s1"]\nmerge = true\n[bundle.as]\n"m-s1" = "b"\n')
+    before = (tmp_path / "ck" / "results.json").read_bytes()
+    assert main(["zoo", "--spec", str(merge_file), "--out", str(tmp_path / "mruns"), "--bundle",
+                 str(tmp_path / "ck")]) == 0
+    manifest = json.loads((tmp_path / "ck" / "zoo.json").read_text())
+    assert [(m["name"], m["variant"], m["run"], m["spec"]) for m in manifest["models"]] == [("b", "anchor", "m-s1", "m.toml")]
+    assert (tmp_path / "ck" / "results.json").read_bytes() == before and manifest["spec"] == "z.toml"
+    assert load_checkpoint(tmp_path / "ck" / "b").cfg.variant == "anchor"
+    assert main(["zoo", "--spec", str(merge_file), "--out", str(tmp_path / "mruns"), "--no-train", "--bundle",
+                 str(tmp_path / "empty")]) == 2  # nothing to merge into
+    assert not (tmp_path / "empty").exists()
 
 
 @pytest.mark.slow

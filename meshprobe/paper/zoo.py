@@ -12,9 +12,14 @@ A zoo spec is a TOML file (bundled specs in meshprobe/configs/zoo/: zoo-cpu, zoo
     layout = "1+2R3+1"            # any other key: a model or train override for this run
     variant = "base"
     [bundle]
-    runs = ["loop3-vanilla", ...] # seed-0 runs copied (fp16, no optimizer state) into checkpoints/
+    runs = ["loop3-vanilla", ...] # seed-0 runs copied (fp16, no optimizer state) into checkpoints/ ("name-sN":
+                                  # that seed instead)
     samples = 500                 # validation token sample shipped beside them
     seq_len = 128
+    merge = false                 # true: replace same-named models in an existing bundle, keep the rest (and
+                                  # its results.json); each model's manifest entry names the spec and run it came from
+    [bundle.as]                   # optional bundled name of a run (default: the run's name)
+    "phop2-mesh-zeros-s1" = "phop2-mesh"
 
 A zoo whose data is a synthetic task (``data = "task:..."``, :mod:`meshprobe.data.tasks`) has no tokenizer and no
 validation token sample: its results carry each run's task accuracy on fresh sequences (:func:`task_row`).
@@ -24,6 +29,7 @@ and analyses are directly comparable. Training resumes where a run stopped; fini
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -62,6 +68,12 @@ class ZooSpec:
     bundle_runs: list[str]
     bundle_samples: int
     bundle_seq_len: int
+    bundle_as: dict = field(default_factory=dict)
+    bundle_merge: bool = False
+
+    def bundle_run(self, entry: str) -> ZooRun:
+        """The run a [bundle] entry names: "name-sN" itself, else seed 0 of "name"."""
+        return next(r for r in self.runs if r.run_id in (entry, f"{entry}-s0"))
 
 
 def resolve_zoo(name_or_path: str) -> Path:
@@ -101,11 +113,16 @@ def load_zoo(name_or_path: str) -> ZooSpec:
     if len(set(ids)) != len(ids):
         raise UserError(f"{path}: duplicate run names {sorted({i for i in ids if ids.count(i) > 1})}")
     bundle = doc.get("bundle", {})
-    missing = [n for n in bundle.get("runs", []) if f"{n}-s0" not in ids]
+    missing = [n for n in bundle.get("runs", []) if n not in ids and f"{n}-s0" not in ids]
     if missing:
-        raise UserError(f"{path}: [bundle] names runs without a seed-0 entry: {missing}")
+        raise UserError(f"{path}: [bundle] names runs that are neither a run id nor a run with a seed-0 entry: {missing}")
+    unknown = sorted(set(bundle.get("as", {})) - set(bundle.get("runs", [])))
+    if unknown or not isinstance(bundle.get("merge", False), bool):
+        raise UserError(f"{path}: [bundle.as] names runs not in [bundle] runs: {unknown}" if unknown
+                        else f"{path}: [bundle] merge must be true or false")
     spec = ZooSpec(path, doc.get("description", ""), doc.get("preset", "cpu-zoo"), doc.get("overrides", {}), runs,
-                   bundle.get("runs", []), int(bundle.get("samples", 500)), int(bundle.get("seq_len", 128)))
+                   bundle.get("runs", []), int(bundle.get("samples", 500)), int(bundle.get("seq_len", 128)),
+                   dict(bundle.get("as", {})), bundle.get("merge", False))
     for run in runs:  # every run's config is valid (preset, keys, values) before anything is listed or trained
         try:
             run_configs(spec, run)
@@ -266,22 +283,26 @@ def task_row(model, task, path: Path) -> dict:
 
 
 def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") -> Path:
-    """Copy the bundle runs (seed 0) into `dest` in fp16 without optimizer state, each with its own copy of the
-    shared validation token sample (`val_tokens.npy`, so `meshprobe analyze dest/NAME` needs no data), plus the
-    shared sample, the results file and a manifest. Figures regenerate from `dest` alone."""
+    """Copy the bundle runs (seed 0 unless named "name-sN") into `dest` in fp16 without optimizer state, each with
+    its own copy of the shared validation token sample (`val_tokens.npy`, so `meshprobe analyze dest/NAME` needs
+    no data), plus the shared sample, the results file and a manifest. Figures regenerate from `dest` alone.
+    With ``merge = true`` the runs replace same-named models of the bundle already in `dest`, whose other models,
+    description and results file stay."""
     import torch
 
     from meshprobe.checkpoint import load_checkpoint, save_checkpoint
     from meshprobe.data import load_tokenizer
 
     dest = Path(dest)
+    manifest = _merge_target(spec, dest)
     dest.mkdir(parents=True, exist_ok=True)
     task = zoo_task(spec)
     if task is None:
         validation_sample(spec, out)
     entries = []
-    for name in spec.bundle_runs:
-        src = out / f"{name}-s0"
+    for entry in spec.bundle_runs:
+        run = spec.bundle_run(entry)
+        src, name = out / run.run_id, spec.bundle_as.get(entry, run.name)
         model = load_checkpoint(src)
         meta = model.checkpoint_config.get("metadata", {})
         files = {f: (src / f).read_bytes() for f in ("train_log.jsonl",) if (src / f).is_file()}
@@ -289,12 +310,37 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
             files[VAL_TOKENS_FILE] = (out / VAL_TOKENS_FILE).read_bytes()
         save_checkpoint(model, dest / name, tokenizer=load_tokenizer(src, missing_ok=True), files=files,
                         dtype=torch.float16, **meta)
-        entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant})
+        entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant,
+                        "spec": spec.path.name, "run": run.run_id})
+    command = " ".join(shlex.quote(a) for a in ["meshprobe", "zoo", "--spec", spec.path.stem, "--bundle", str(dest)])
+    if manifest is not None:
+        names = {e["name"] for e in entries}
+        manifest["models"] = [m if m["name"] not in names else next(e for e in entries if e["name"] == m["name"])
+                              for m in manifest["models"]] + [e for e in entries if e["name"] not in
+                                                              {m["name"] for m in manifest["models"]}]
+        manifest["merged"] = [*manifest.get("merged", []), {"spec": spec.path.name, "command": command}]
+        _io.write_json(dest / MANIFEST_FILE, manifest)
+        return dest
     for name in (VAL_TOKENS_FILE, RESULTS_FILE) if task is None else (RESULTS_FILE,):
         _io.copy_file(out / name, dest / name)
     _io.write_json(dest / MANIFEST_FILE, {"spec": spec.path.name, "description": spec.description, "models": entries,
                                       "val_tokens": VAL_TOKENS_FILE if task is None else None,
                                       "task": task.entry() if task is not None else None, "results": RESULTS_FILE,
-                                      "command": " ".join(shlex.quote(a) for a in ["meshprobe", "zoo", "--spec",
-                                                                                   spec.path.stem, "--bundle", str(dest)])})
+                                      "command": command})
     return dest
+
+
+def _merge_target(spec: ZooSpec, dest: Path) -> dict | None:
+    """The manifest a merging bundle updates (None for a plain bundle), checked before anything is written: it
+    exists and holds the same task (or the same text data) as the spec."""
+    if not spec.bundle_merge:
+        return None
+    path = dest / MANIFEST_FILE
+    manifest = _io.read_json(path) if path.is_file() else None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("models"), list):
+        raise UserError(f"{path}: a merging bundle needs an existing bundle there (a zoo.json with a list of models)")
+    task = zoo_task(spec)
+    if manifest.get("task") != json.loads(json.dumps(task.entry() if task is not None else None)):
+        raise UserError(f"{path}: the bundle there holds task {manifest.get('task')}, the spec "
+                        f"{task.entry() if task is not None else None}: not merged")
+    return manifest
