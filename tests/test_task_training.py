@@ -172,6 +172,7 @@ def test_task_zoo_trains_collects_and_bundles(tmp_path):
     manifest = json.loads((tmp_path / "ck" / "zoo.json").read_text())
     assert [(m["name"], m["variant"], m["run"], m["spec"]) for m in manifest["models"]] == [("b", "anchor", "m-s1", "m.toml")]
     assert (tmp_path / "ck" / "results.json").read_bytes() == before and manifest["spec"] == "z.toml"
+    assert manifest["models"][0]["result"]["run"] == "m-s1" and "fresh_task_acc" in manifest["models"][0]["result"]
     assert load_checkpoint(tmp_path / "ck" / "b").cfg.variant == "anchor"
     assert main(["zoo", "--spec", str(merge_file), "--out", str(tmp_path / "mruns"), "--no-train", "--bundle",
                  str(tmp_path / "empty")]) == 2  # nothing to merge into

@@ -312,13 +312,16 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
                         dtype=torch.float16, **meta)
         entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant,
                         "spec": spec.path.name, "run": run.run_id})
+        if manifest is not None and run.run_id in earlier_rows(out):  # its numbers travel with it
+            entries[-1]["result"] = earlier_rows(out)[run.run_id]
     command = " ".join(shlex.quote(a) for a in ["meshprobe", "zoo", "--spec", spec.path.stem, "--bundle", str(dest)])
     if manifest is not None:
         names = {e["name"] for e in entries}
         manifest["models"] = [m if m["name"] not in names else next(e for e in entries if e["name"] == m["name"])
                               for m in manifest["models"]] + [e for e in entries if e["name"] not in
                                                               {m["name"] for m in manifest["models"]}]
-        manifest["merged"] = [*manifest.get("merged", []), {"spec": spec.path.name, "command": command}]
+        merged = {"spec": spec.path.name, "command": command}
+        manifest["merged"] = [*(m for m in manifest.get("merged", []) if m != merged), merged]
         _io.write_json(dest / MANIFEST_FILE, manifest)
         return dest
     for name in (VAL_TOKENS_FILE, RESULTS_FILE) if task is None else (RESULTS_FILE,):
