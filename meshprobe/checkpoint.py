@@ -19,13 +19,15 @@ import json
 import os
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from meshprobe import _io
 from meshprobe.config import ModelConfig, check_memory
 from meshprobe.data.tokenizer import TOKENIZER_FILE, load_tokenizer  # noqa: F401  (re-exported)
 from meshprobe.errors import UserError
+
+if TYPE_CHECKING:  # torch loads inside the functions: reading a config stays cheap
+    import torch
 
 FORMAT = "meshprobe-checkpoint"
 FORMAT_VERSION = 1
@@ -152,9 +154,9 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     loops: int | None = None):
-    """Load a checkpoint directory and return the model (eval mode, weights cast to `dtype`).
+    """Load a checkpoint directory and return the model (eval mode, weights cast to `dtype`, default float32).
 
     loops: run a looped model ("P+CRK+Q") with this many loop steps instead of its trained K (test-time depth:
     the tied core repeats `loops` times; `model.cfg` has the new layout, `checkpoint_config` stays the file's).
@@ -177,12 +179,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def _load(path, device, dtype, loops=None):
+    config = read_checkpoint_config(path)  # before torch loads: a bad path or config answers at once
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from meshprobe.model import build_model
 
-    config = read_checkpoint_config(path)
+    dtype = torch.float32 if dtype is None else dtype
     folder = resolve_checkpoint(path)
     model_cfg = ModelConfig.from_dict(config["model"])
     if loops is not None:

@@ -29,8 +29,16 @@ COMMANDS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``meshprobe analyze: error: argument --samples: invalid int value:
+    'abc'``, exit 2) instead of the usage block and the error; ``--help`` is unchanged."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="meshprobe", description="Train, hook and probe recursive (looped) transformers and MeSH models."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,6 +55,7 @@ def as_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
     if parser is None:
         return message
     flags: dict[str, str] = {}
+    switches: set[str] = set()
     parsers = [parser]
     for p in parsers:  # the subcommand's parser and those of its actions (meshprobe data pack / show)
         for a in p._actions:
@@ -54,6 +63,10 @@ def as_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
                 parsers += list(a.choices.values())
             elif a.option_strings:  # the long form: --out, not -o
                 flags.setdefault(a.dest, max(a.option_strings, key=len))
+                if isinstance(a, argparse._StoreTrueAction):
+                    switches.add(a.dest)
+    message = re.sub(r"(?<![\w-])([a-z][a-z_]*)=True\b", lambda m: flags[m.group(1)] if m.group(1) in switches
+                     else m.group(0), message)  # trust_remote_code=True -> --trust-remote-code
     return re.sub(r"(?<![\w-])([a-z][a-z_]*)=", lambda m: f"{flags[m.group(1)]} " if m.group(1) in flags
                   else m.group(0), message)
 
@@ -65,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras and not getattr(args, "_overrides", False):
-        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extras)}")
     args.overrides = extras
     if not hasattr(args, "_run"):
         parser.print_help()

@@ -124,6 +124,8 @@ def _validate(args) -> None:
             raise UserError("--offsets must name at least one offset")
     if args.tokens and args.data:
         raise UserError("give --tokens or --data, not both")
+    if args.tokens and not Path(args.tokens).is_file():
+        raise UserError(f"tokens file not found: {args.tokens}")
     from meshprobe.cli.eval import parse_loops
 
     args.loops = parse_loops(args.loops)
@@ -154,11 +156,17 @@ def _refuse_remote_code(paths, trust: bool, tokens=None) -> None:
 
 
 def _run_hf(args, done) -> int:
+    from meshprobe.hf.checks import check_hf_dir
+
+    if args.loops and len(args.loops) > 1:
+        raise UserError("--loops takes one K for transformers model directories")
+    for p in args.checkpoints:  # config, weights' headers, loop counts, sizes, tokenizer: before torch loads
+        check_hf_dir(p, spec=args.loop_spec, loops=args.loops[0] if args.loops else None, tokens=bool(args.tokens),
+                     trust_remote_code=args.trust_remote_code, batch_size=args.batch_size,
+                     seq_len=args.seq_len or (None if args.tokens else DEFAULT_SEQ_LEN))
     from meshprobe.analysis.pipeline.hf_dirs import analyze_hf_dirs
 
     _refuse_remote_code(args.checkpoints, args.trust_remote_code, args.tokens)
-    if args.loops and len(args.loops) > 1:
-        raise UserError("--loops takes one K for transformers model directories")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
@@ -173,6 +181,33 @@ def _run_hf(args, done) -> int:
             max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done)
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures)")
     return 0
+
+
+@contextmanager
+def _remote_code_errors(args):
+    """An exception inside a directory's own (trusted) code, at load or during the analysis: one line naming
+    its file (:func:`meshprobe.hf.loader.remote_code_error`)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        from meshprobe.hf.loader import remote_code_error
+
+        err = remote_code_error(exc, args.checkpoints) if args.trust_remote_code else None
+        if err is None:
+            raise
+        raise err from None
+
+
+def _check_checkpoints(args) -> None:
+    """Every checkpoint's config.json, and --loops against it, before torch loads."""
+    from meshprobe.checkpoint import check_loops, read_checkpoint_config
+
+    for p in args.checkpoints:
+        read_checkpoint_config(p)
+        if args.loops:
+            check_loops(p, args.loops)
 
 
 def _is_task_run(args) -> bool:
@@ -229,9 +264,11 @@ def run(args: argparse.Namespace) -> int:
         args.out = default_out(args.checkpoints)
     check_out_path(args.out, inputs=tuple(args.checkpoints), input_kind="checkpoint")
     if _hf_dirs(args):
-        return _run_hf(args, _done)
+        with _remote_code_errors(args):
+            return _run_hf(args, _done)
     if _is_task_run(args):
         return _run_task(args)
+    _check_checkpoints(args)
     from meshprobe.analysis.pipeline.checkpoints import analyze_checkpoints
 
     out = Path(args.out)

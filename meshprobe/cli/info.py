@@ -39,10 +39,14 @@ def _refuse_remote_code(paths, trust: bool) -> None:
 
 
 def _run_hf(args) -> int:
-    from meshprobe.hf import load
+    from meshprobe.hf.checks import check_hf_dir
 
     if args.loops is not None and args.loops < 1:
         raise UserError(f"--loops must be at least 1, got {args.loops}")
+    # config, weights' headers, loop counts and sizes before torch loads
+    check_hf_dir(args.path, spec=args.loop_spec, loops=args.loops, trust_remote_code=args.trust_remote_code)
+    from meshprobe.hf import load
+
     _refuse_remote_code([args.path], args.trust_remote_code)
     model = load(args.path, spec=args.loop_spec, trust_remote_code=args.trust_remote_code, loops=args.loops)
     cfg, spec = model.cfg, model.spec

@@ -8,14 +8,19 @@ only (``use_safetensors=True``); a pickle file is never read. Everything is loca
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from meshprobe import _io
 from meshprobe.errors import UserError
 
-__all__ = ["is_hf_dir", "load", "load_tokenizer", "read_hf_config", "remote_code_reason", "tokenizer_remote_reason"]
+__all__ = ["is_hf_dir", "load", "load_tokenizer", "read_hf_config", "remote_code_error", "remote_code_reason",
+           "tokenizer_remote_reason"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -48,28 +53,29 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return _io.read_json(_config_path(p))
 
 
-def remote_code_reason(config: dict[str, Any]) -> str | None:
+def remote_code_reason(config: dict[str, Any], heavy: bool = True) -> str | None:
     """Why a config needs remote code (``auto_map``, or a model type / architecture the installed transformers
-    does not build), or None."""
+    does not build), or None. ``heavy=False``: only what is known without importing transformers (which loads
+    torch): ``auto_map``, and a model type absent from transformers' source (:func:`~meshprobe.hf.checks.
+    known_model_type`)."""
+    from meshprobe.hf.checks import known_model_type
+
     if config.get("auto_map"):
         return "its config maps to remote code (auto_map)"
+    model_type = config.get("model_type")
+    if model_type and known_model_type(str(model_type)) is False:
+        return f"model_type {model_type!r} is not built by the installed transformers"
+    if not heavy:
+        return None
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    model_type = config.get("model_type")
     if model_type and model_type not in CONFIG_MAPPING_NAMES:
         return f"model_type {model_type!r} is not built by the installed transformers {transformers.__version__}"
     for arch in config.get("architectures") or []:
         if not hasattr(transformers, str(arch)):
             return f"architecture {arch!r} is not in the installed transformers {transformers.__version__}"
     return None
-
-
-def _check_weights(p: Path) -> None:
-    if not any(p.glob("*.safetensors")):
-        pickles = sorted(f.name for f in p.glob("*.bin")) + sorted(f.name for f in p.glob("*.pt"))
-        extra = f" (found {', '.join(pickles[:3])}: pickle files are never loaded)" if pickles else ""
-        raise UserError(f"{p}: no .safetensors weights{extra}")
 
 
 def _dtype(dtype):
@@ -82,6 +88,115 @@ def _dtype(dtype):
     return getattr(torch, dtype)
 
 
+def _is_remote_file(filename: str, dirs) -> bool:
+    """A source file of a directory's own code: in it, or transformers' copy of it (``transformers_modules``)."""
+    f = Path(filename)
+    return "transformers_modules" in f.parts or any(Path(os.path.realpath(d)) in Path(os.path.realpath(f)).parents
+                                                   for d in dirs)
+
+
+def remote_code_error(exc: BaseException, dirs) -> UserError | None:
+    """A one-line UserError for an exception raised inside a model directory's own (trusted) code, naming the
+    file, the line and the error; None when no frame of the traceback is in such a file."""
+    dirs = [Path(d) for d in dirs]
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)]
+    if isinstance(exc, SyntaxError) and exc.filename:
+        frames.append((exc.filename, exc.lineno))
+    frames = [(f, n) for f, n in frames if _is_remote_file(f, dirs)]
+    if not frames:
+        return None
+    filename, line = frames[-1]
+    where = next((d for d in dirs if d.resolve().name in Path(filename).parts), dirs[0] if dirs else None)
+    message = (str(exc).strip().splitlines() or [""])[0]
+    return UserError(f"{where}: its own code {Path(filename).name} (line {line}) raised "
+                     f"{type(exc).__name__}{': ' + message if message else ''}")
+
+
+def _loading_error(p: Path, exc: Exception, what: str) -> UserError | None:
+    """The one line for an exception of transformers while it builds or loads the model in ``p``."""
+    remote = remote_code_error(exc, [p])
+    if remote is not None:
+        return remote
+    if isinstance(exc, (OSError, ValueError, ImportError, RuntimeError)):
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return UserError(f"{p}: transformers could not {what} ({first})")
+    return None
+
+
+def _check_size(p: Path, trust_remote_code: bool, dtype) -> None:
+    """Build the model config.json describes on the meta device (no memory; config validation and trusted code
+    run) and refuse it, before from_pretrained allocates, when its parameters do not fit in this machine's memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from meshprobe.checks import check_fits
+
+    try:
+        config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # any error of config validation or (trusted) model code: one line
+        err = _loading_error(p, exc, "build the model from config.json")
+        if err is None:
+            raise
+        raise err from None
+    width = dtype.itemsize if isinstance(dtype, torch.dtype) else 2  # "auto": at least 2 bytes a parameter
+    n = sum(t.numel() for t in model.state_dict().values())
+    check_fits(n * width, f"the model config.json describes in {p} ({n:,} parameters)")
+
+
+_MISMATCH = re.compile(r"^(\S.*?)\s*\|\s*MISMATCH\b.*?ckpt:\s*torch\.Size\((\[[^]]*\])\)\s*vs\s*model:\s*"
+                       r"torch\.Size\((\[[^]]*\])\)", re.M)
+
+
+@contextmanager
+def _held_load_report():
+    """transformers' load report (a multi-line warning), held back while from_pretrained runs: shown after a
+    success, read for the first mismatched tensor after a failure (which is then one line)."""
+    logs = [logging.getLogger(name) for name in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+    held: list[logging.LogRecord] = []
+
+    def hold(record):
+        held.append(record)
+        return False
+
+    for log in logs:
+        log.addFilter(hold)
+    try:
+        yield held
+    finally:
+        for log in logs:
+            log.removeFilter(hold)
+
+
+def _from_pretrained(p: Path, trust_remote_code: bool, dtype):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with _held_load_report() as held:
+            model = AutoModelForCausalLM.from_pretrained(p, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                                         local_files_only=True, dtype=dtype)
+    except Exception as exc:
+        found = sorted((m for r in held for m in _MISMATCH.finditer(r.getMessage())), key=lambda m: m.group(1))
+        if found:
+            key, have, want = found[0].groups()
+            raise UserError(f"{p}: the weights do not match config.json ({key} has shape {have} in the safetensors "
+                            f"files, config.json makes {want}; {len(found)} such)") from None
+        err = _loading_error(p, exc, "load the model")
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    for record in held:  # a success: the report (missing or unexpected keys) as transformers shows it
+        logging.getLogger(record.name).handle(record)
+    return model
+
+
 def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dtype=None, device=None,
          loops: int | None = None):
     """Load the transformers model in ``path`` and :func:`~meshprobe.hf.hooked.wrap` it.
@@ -90,30 +205,24 @@ def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dt
     ``trust_remote_code``: allow the directory's own modeling code (refused otherwise, before anything of it is
     imported). ``dtype``: "float32" / "float16" / "bfloat16" / a torch dtype (default: the checkpoint's own).
     ``device``: where to put the model (default: CPU). ``loops``: test-time depth (see ``wrap``).
+    The directory is checked before anything loads (:func:`~meshprobe.hf.checks.check_hf_dir`: config, loop
+    counts, safetensors headers, sizes), then the size of the model config.json describes; weights whose
+    shapes differ from that model are one line naming the first tensor.
     """
+    from meshprobe.hf.checks import check_hf_dir
     from meshprobe.hf.spec import as_spec
 
     p = Path(path)
-    config = read_hf_config(p)
+    if dtype is not None and not hasattr(dtype, "is_floating_point") and dtype not in _DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    config = check_hf_dir(p, spec=spec, loops=loops, trust_remote_code=trust_remote_code, dtype=dtype)
     reason = remote_code_reason(config)
     if reason and not trust_remote_code:
         raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
-    _check_weights(p)
     spec = as_spec(spec) if spec is not None else None  # a bad spec fails before the weights load
     torch_dtype = _dtype(dtype)
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, trust_remote_code=bool(trust_remote_code),
-                                                     use_safetensors=True, local_files_only=True, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{p}: transformers could not load the model ({str(exc).splitlines()[0]})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    _check_size(p, bool(trust_remote_code), torch_dtype)
+    model = _from_pretrained(p, bool(trust_remote_code), torch_dtype)
     if device is not None:
         model = model.to(device)
     from meshprobe.hf.hooked import wrap
@@ -150,5 +259,9 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(p, trust_remote_code=bool(trust_remote_code), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{p}: its tokenizer does not load ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:
+        err = remote_code_error(exc, [p]) or (UserError(f"{p}: its tokenizer does not load ({str(exc).splitlines()[0]})")
+                                              if isinstance(exc, (OSError, ValueError)) else None)
+        if err is None:
+            raise
+        raise err from None

@@ -200,3 +200,17 @@ def builtin_spec(architecture: str, config, n_loops: int) -> LoopSpec | None:
     config run with ``n_loops`` steps; ``None`` when there is none."""
     fn = _BUILTIN.get(architecture)
     return None if fn is None else fn(config, n_loops)
+
+
+class _AnyConfig:
+    """A stand-in config whose every field is 1: enough to read which fields a built-in spec counts steps by."""
+
+    def __getattr__(self, name):
+        return 1
+
+
+def step_fields(architecture: str) -> tuple[str | None, str | None]:
+    """``(steps_field, inner_steps_field)`` of the built-in spec of ``architecture`` (``(None, None)`` when there
+    is none), read without a config or torch: what a directory's config.json is checked against up front."""
+    spec = builtin_spec(architecture, _AnyConfig(), 1)
+    return (spec.steps_field, spec.inner_steps_field) if spec else (None, None)
