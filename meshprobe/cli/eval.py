@@ -49,8 +49,7 @@ def parse_loops(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshprobe.checkpoint import check_loops
-    from meshprobe.evaluate import evaluate_checkpoint
+    from meshprobe.checkpoint import check_loops, read_checkpoint_config
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
@@ -58,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
 
     data = args.data[0] if args.data and len(args.data) == 1 else args.data
     loops = parse_loops(args.loops)
+    read_checkpoint_config(args.checkpoint)  # a bad path or config answers before torch loads
     if loops:
         check_loops(args.checkpoint, loops)  # every K checked before any work
+    from meshprobe.evaluate import evaluate_checkpoint
+
     results = [evaluate_checkpoint(args.checkpoint, data_spec=data, batches=args.batches, batch_size=args.batch_size,
                                    seq_len=args.seq_len, device=args.device, split=args.split, loops=k)
                for k in loops or [None]]

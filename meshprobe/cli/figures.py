@@ -28,7 +28,10 @@ def run(args: argparse.Namespace) -> int:
     check_out_path(args.out)
     from pathlib import Path
 
-    from meshprobe.paper.figures import regenerate
+    from meshprobe.paper.figures import load_bundle, regenerate
+
+    if not args.tasks_only:
+        load_bundle(args.checkpoints)  # a missing or damaged bundle answers before torch loads
     from meshprobe.runtime import torch_threads
 
     # One torch thread: float reductions then run in one order, so the files are byte-identical on any machine.

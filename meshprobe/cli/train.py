@@ -82,24 +82,42 @@ def build_configs(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def _check_sizes(model_cfg, train_cfg) -> None:
+    """The first memory checks of the run (``training/state``), made here too so that they answer before torch
+    loads: the fp32 weights and one rank's token batch against this machine's memory."""
+    from meshprobe.checks import check_fits
+    from meshprobe.config import check_memory
+    from meshprobe.runtime import dist_env
+
+    check_memory(model_cfg, 4, "its fp32 weights")
+    per_rank, seq = train_cfg.batch_size // dist_env()[1], train_cfg.seq_len
+    check_fits(2 * 8 * per_rank * seq, f"a batch of {per_rank} x {seq} tokens (batch_size)")
+
+
 def run(args: argparse.Namespace) -> int:
     from meshprobe.errors import UserError
     from meshprobe.runtime import dist_env, dist_env_ok
-    from meshprobe.training import TrainingDiverged, train
 
     from meshprobe.checks import check_out_path
 
     rank = dist_env()[0] if dist_env_ok() else 0
     try:
         check_out_path(args.out)  # before anything (the library checks it too, naming its parameter out_dir)
-        model_cfg, train_cfg = build_configs(args)
+        model_cfg, train_cfg = build_configs(args)  # bad flags and configs answer before torch loads
+        _check_sizes(model_cfg, train_cfg)
+        from meshprobe.training import train
+
         summary = train(model_cfg, train_cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                         quiet=args.quiet)
     except UserError:
         if rank != 0:
             return 2  # rank 0 prints the message once
         raise
-    except TrainingDiverged as exc:
+    except Exception as exc:
+        from meshprobe.training import TrainingDiverged
+
+        if not isinstance(exc, TrainingDiverged):
+            raise
         if rank == 0:
             print(f"meshprobe train: error: {exc}", file=sys.stderr)
         return 1

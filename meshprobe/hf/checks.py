@@ -27,7 +27,7 @@ from meshprobe.checks import check_fits
 from meshprobe.config import MAX_DEPTH, MAX_LAYERS, MAX_SIZES
 from meshprobe.errors import UserError
 
-__all__ = ["INDEX_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE", "check_hf_dir", "check_loop_counts", "known_model_type",
+__all__ = ["CTX_FIELDS", "INDEX_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE", "check_hf_dir", "check_loop_counts", "known_model_type",
            "read_safetensors_header", "weight_tensors"]
 
 WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"  # what transformers reads, in order
@@ -37,6 +37,7 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 LOAD_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 HIDDEN_FIELDS = ("hidden_size", "n_embd", "d_model")
+CTX_FIELDS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len", "seq_length")
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                    "backbone.embeddings.weight")
 
@@ -239,6 +240,8 @@ def check_hf_dir(path: str | os.PathLike, *, spec=None, loops: int | None = None
         fields = next((step_fields(a) for a in config.get("architectures") or [] if isinstance(a, str)), (None, None))
     steps = check_loop_counts(p, config, fields, loops)
     d = next((_int_field(config, f) for f in HIDDEN_FIELDS if _int_field(config, f) is not None), None)
+    ctx = next((_int_field(config, f) for f in CTX_FIELDS if _int_field(config, f)), None)
+    seq_len = min(seq_len, ctx) if seq_len and ctx else seq_len  # windows are at most the context
     if steps and d and batch_size and seq_len:  # the cached states of one batch (float32), a lower estimate
         check_fits(4 * batch_size * seq_len * d * (steps + 3),
                    f"loops={steps}: the {steps + 3} states of a batch of {batch_size} x {seq_len} tokens (batch_size)")

@@ -23,12 +23,11 @@ import torch
 from torch import nn
 
 from meshprobe.errors import UserError
+from meshprobe.hf.checks import CTX_FIELDS
 from meshprobe.hf.spec import LoopSpec, as_spec, builtin_spec
 from meshprobe.tl import ActivationCache, HookedRootModule, HookPoint
 
-__all__ = ["HFLoopedModel", "HFModelConfig", "set_loops", "wrap"]
-
-CTX_FIELDS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len", "seq_length")
+__all__ = ["CTX_FIELDS", "HFLoopedModel", "HFModelConfig", "set_loops", "wrap"]
 
 
 @dataclass
