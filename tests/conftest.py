@@ -85,3 +85,16 @@ def write_tiny_text_run(root, steps: int = 2, extra: str = ""):
         f'[train]\ndata = "{corpus}"\nseq_len = 16\nbatch_size = 4\nsteps = {steps}\nlr = 3e-3\nlog_every = 1\n'
         'eval_every = 2\neval_batches = 1\n' + extra)
     return corpus, preset
+
+
+def write_tiny_dory(folder, loops: int = 3, seed: int = 0):
+    """A tiny random DoryForCausalLM (a looped LM transformers builds natively: hidden 64, vocab 128, 1 + 2 looped
+    `loops` times + 1 layers) saved with save_pretrained in `folder` (no tokenizer); returns `folder`."""
+    from transformers import DoryConfig, DoryForCausalLM
+
+    torch.manual_seed(seed)
+    DoryForCausalLM(DoryConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, n_input_layers=1, n_output_layers=1, n_recurrent_loops=loops,
+        sliding_window=8, max_position_embeddings=128)).eval().save_pretrained(folder)
+    return folder

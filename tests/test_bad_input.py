@@ -1,19 +1,23 @@
 """Every bad input gets one line on stderr, exit 2, no traceback, and nothing is created or changed.
 
 Damaged checkpoints (resume and info), poisoned token caches, absurd sizes, non-text data, output paths
-whose parents do not exist, locks held through a symlink; plus the few things that are not errors (an
-unknown config.json key warns and goes on, a stale lock file is taken and removed, file modes).
+whose parents do not exist, locks held through a symlink, damaged or mismatched transformers model directories,
+errors inside trusted remote code, argparse errors; the path, flag and config errors answer before torch loads.
+Plus the few things that are not errors (an unknown config.json key warns and goes on, a stale lock file is
+taken and removed, file modes).
 """
 import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import write_tiny_text_run
+from conftest import write_tiny_dory, write_tiny_text_run
 from meshprobe.cli import main
 
 
@@ -443,3 +447,235 @@ def test_zero_values_with_a_meaning_are_documented(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--save-every 0" in text and "--eval-every 0" in text
+
+
+# --------------------------------------------------------------------------------------------- transformers dirs
+@pytest.fixture(scope="module")
+def hf_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfbad")
+    np.save(root / "tokens.npy", np.random.default_rng(0).integers(0, 128, (4, 16)))
+    return {"dory": write_tiny_dory(root / "dory"), "tokens": root / "tokens.npy"}
+
+
+def _header_lies(ck):
+    """model.safetensors whose header gives its first tensor another shape (its bytes unchanged)."""
+    raw = (ck / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    first = sorted(k for k in header if k != "__metadata__")[0]
+    header[first]["shape"] = [header[first]["shape"][0] + 1, *header[first]["shape"][1:]]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # safetensors writes it compact
+    assert len(text) == n
+    (ck / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + n:])
+
+
+def _sharded(ck, change):
+    """model.safetensors renamed as shard 1 of 2, with an index that `change` damages."""
+    from safetensors import safe_open
+
+    shard = "model-00001-of-00002.safetensors"
+    (ck / "model.safetensors").rename(ck / shard)
+    with safe_open(str(ck / shard), "pt") as f:
+        weight_map = {k: shard for k in f.keys()}
+    change(weight_map)
+    (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _second_shard_missing(weight_map):
+    for k in sorted(weight_map)[::2]:
+        weight_map[k] = "model-00002-of-00002.safetensors"
+
+
+def _config(**change):
+    return _edit_json("config.json", lambda d: d.update(change))
+
+
+HF_DAMAGE = {  # name -> (damage(model directory), a phrase of the message); every case for info and analyze
+    "weights truncated": (_truncate("model.safetensors"), "model.safetensors: truncated or corrupt"),
+    "weights random bytes": (_write("model.safetensors", os.urandom(5000)), "model.safetensors: truncated or corrupt"),
+    "weights trailing bytes": (lambda ck: (ck / "model.safetensors").open("ab").write(b"\0" * 10), "trailing bytes"),
+    "weights header lies about a shape": (_header_lies, "bytes for shape"),
+    "weights empty": (_write("model.safetensors", b""), "shorter than a safetensors header"),
+    "weights only pickles": (lambda ck: ((ck / "model.safetensors").rename(ck / "pytorch_model.bin")),
+                             "pickle files are never loaded"),
+    "index shard missing": (lambda ck: _sharded(ck, _second_shard_missing), "model-00002-of-00002.safetensors is missing"),
+    "index tensor not in its shard": (lambda ck: _sharded(ck, lambda m: m.update({"lm_head.extra": m[sorted(m)[0]]})),
+                                      "'lm_head.extra' is not in its shard"),
+    "index shard outside the folder": (lambda ck: _sharded(ck, lambda m: m.update(x="../model.safetensors")),
+                                       "not a .safetensors file in the directory"),
+    "index not JSON": (lambda ck: (_sharded(ck, lambda m: None), _write("model.safetensors.index.json", "{")(ck)),
+                       "model.safetensors.index.json: not valid JSON"),
+    "hidden_size 32 (weights 64)": (_config(hidden_size=32), "but config.json has hidden_size = 32"),
+    "hidden_size 2**20": (_config(hidden_size=2 ** 20), "hidden_size = 1048576"),
+    "intermediate_size 256 (weights 128)": (_config(intermediate_size=256), "do not match config.json"),
+    "vocab_size 2**30": (_config(vocab_size=2 ** 30), "vocab_size = 1073741824"),
+    "n_recurrent_loops 0": (_config(n_recurrent_loops=0), "n_recurrent_loops must be a loop count from 1 to 1024"),
+    "n_recurrent_loops -3": (_config(n_recurrent_loops=-3), "n_recurrent_loops must be a loop count"),
+    "n_recurrent_loops 1e6": (_config(n_recurrent_loops=10 ** 6), "got 1000000"),
+    "n_recurrent_loops a string": (_config(n_recurrent_loops="3"), "got '3'"),
+    "config.json not an object": (_write("config.json", "[1, 2]"), "config.json"),
+    "config.json not JSON": (_write("config.json", "{"), "config.json"),
+    "config.json invalid for transformers": (_config(num_attention_heads=3), "config.json"),
+}
+
+
+@pytest.mark.parametrize("command", ["info", "analyze"])
+@pytest.mark.parametrize("case", list(HF_DAMAGE))
+def test_damaged_transformers_directory(hf_env, case, command, tmp_path, capsys):
+    damage, phrase = HF_DAMAGE[case]
+    ck = tmp_path / "dory"
+    shutil.copytree(hf_env["dory"], ck)
+    damage(ck)
+    before = snapshot(tmp_path)
+    extra = ["--out", str(tmp_path / "out"), "--tokens", str(hf_env["tokens"])] if command == "analyze" else []
+    assert main([command, str(ck), *extra]) == 2
+    assert phrase in one_error(capsys, command)
+    assert snapshot(tmp_path) == before
+
+
+HF_COMMANDS = {  # name -> (arguments after the model directory, a phrase of the message)
+    "analyze --loops 1000000": (["analyze", "--loops", "1000000", "--tokens", "{tokens}"], "--loops 1000000: give 1 to 1024"),
+    "info --loops 1000000": (["info", "--loops", "1000000"], "--loops 1000000: give 1 to 1024"),
+    "analyze, states of a batch too big": (["analyze", "--loops", "1024", "--batch-size", "100000000", "--seq-len",
+                                            "64", "--tokens", "{tokens}"], "GiB"),
+    "analyze --data without a tokenizer": (["analyze", "--data", "shakespeare"], "--tokens FILE.npy"),
+    "analyze, no data flag, no tokenizer": (["analyze"], "--tokens FILE.npy"),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_COMMANDS))
+def test_transformers_directory_bad_flags(hf_env, case, tmp_path, capsys):
+    args, phrase = HF_COMMANDS[case]
+    args = [a.replace("{tokens}", str(hf_env["tokens"])) for a in args]
+    out = ["--out", str(tmp_path / "out")] if args[0] == "analyze" else []
+    before = snapshot(tmp_path)
+    assert main([args[0], str(hf_env["dory"]), *out, *args[1:]]) == 2
+    assert phrase in one_error(capsys, args[0])
+    assert snapshot(tmp_path) == before
+
+
+def test_a_good_directory_still_loads(hf_env, capsys):
+    """The checks refuse nothing sound: the same directory the damage cases start from."""
+    assert main(["info", str(hf_env["dory"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["n_loops"] == 3
+
+
+def test_model_type_known_from_transformers_source():
+    from meshprobe.hf.checks import known_model_type
+
+    assert known_model_type("dory") is None and known_model_type("ouro") is False
+    assert known_model_type("not_a_model_type") is False
+
+
+# --------------------------------------------------------------------------------------------- argparse
+ARGPARSE_CASES = {  # argv -> a phrase of the one line
+    "analyze --samples abc": (["analyze", "x", "--samples", "abc"], "argument --samples: invalid int value: 'abc'"),
+    "train without --out": (["train", "--config", "tiny"], "the following arguments are required: --out"),
+    "train --seed 1.5 (an override)": (["train", "--config", "tiny", "--out", "x", "--seed", "1.5"], "--seed"),
+    "eval --batches x": (["eval", "x", "--batches", "x"], "argument --batches"),
+    "info, unknown flag": (["info", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    "analyze, no checkpoint": (["analyze"], "the following arguments are required: CKPT"),
+    "analyze --probe-l2 nope": (["analyze", "x", "--probe-l2", "nope"], "argument --probe-l2: invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", list(ARGPARSE_CASES))
+def test_argparse_errors_are_one_line(case, capsys):
+    argv, phrase = ARGPARSE_CASES[case]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse exits; a library UserError returns
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"meshprobe {argv[0]}: error: ") and phrase in err[0], err
+
+
+def test_help_keeps_its_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: meshprobe analyze") and "--samples" in out
+
+
+# --------------------------------------------------------------------------------------------- remote code
+def _run_cli(args, env=None):
+    return subprocess.run([sys.executable, "-m", "meshprobe", *args], capture_output=True, text=True, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_an_error_inside_trusted_remote_code_is_one_line(tmp_path):
+    """--trust-remote-code on a directory whose modeling file raises on import, and on one whose forward raises:
+    one line naming the file and the error, exit 2, nothing written."""
+    from hf_standins import write_remote_ouro
+
+    work = tmp_path / "work"
+    on_import, on_forward = work / "raises-on-import", work / "raises-in-forward"
+    for d in (on_import, on_forward):
+        write_remote_ouro(d, work / "IMPORTED")
+    f, raising = on_import / "modeling_ouro.py", "raise RuntimeError('no kernels for this build')"
+    f.write_text(f.read_text().replace("import torch\n", f"import torch\n{raising}\n", 1))
+    line = f.read_text().splitlines().index(raising) + 1
+    f = on_forward / "modeling_ouro.py"
+    f.write_text(f.read_text().replace("        h, _, _ = self.model(input_ids)\n",
+                                       "        h, _, _ = self.model(input_ids)\n        h = h @ torch.eye(3)\n"))
+    np.save(work / "tokens.npy", np.random.default_rng(0).integers(0, 50, (4, 12)))
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "hf-home")}
+    (work / "IMPORTED").unlink(missing_ok=True)
+    before = snapshot(work)
+    for d, phrase in ((on_import, f"modeling_ouro.py (line {line}) raised RuntimeError: no kernels for this build"),
+                      (on_forward, "modeling_ouro.py")):
+        done = _run_cli(["analyze", str(d), "--out", str(work / "out"), "--tokens", str(work / "tokens.npy"),
+                         "--no-probes", "--no-progress", "--trust-remote-code"], env)
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(err) == 1 and phrase in err[0] and str(d) in err[0], done.stderr[-3000:]
+    done = _run_cli(["info", str(on_import), "--trust-remote-code"], env)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "modeling_ouro.py" in done.stderr
+    (work / "IMPORTED").unlink(missing_ok=True)  # the trusted code ran (the point of the flag)
+    assert snapshot(work) == before
+
+
+# --------------------------------------------------------------------------------------------- before torch
+_NO_TORCH = """
+import sys
+from meshprobe.cli import main
+for argv in {cases!r}:
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 2, (argv, rc)
+print(sorted(m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules))
+"""
+
+
+def test_bad_input_answers_before_torch_loads(env, hf_env, tmp_path):
+    """One fresh interpreter runs bad inputs of every kind and still has not imported torch or transformers:
+    the path, flag, config, loop-count, size and weight-header checks come first."""
+    bad = {}
+    for case in ("weights truncated", "hidden_size 32 (weights 64)", "n_recurrent_loops 0", "index shard missing"):
+        bad[case] = tmp_path / case.split()[0] / case.replace(" ", "_")
+        shutil.copytree(hf_env["dory"], bad[case])
+        HF_DAMAGE[case][0](bad[case])
+    remote = tmp_path / "remote"
+    shutil.copytree(hf_env["dory"], remote)
+    _config(auto_map={"AutoModelForCausalLM": "modeling_x.X"})(remote)
+    out, good, dory, tokens = str(tmp_path / "out"), str(env["good"]), str(hf_env["dory"]), str(hf_env["tokens"])
+    cases = [["info", str(tmp_path / "nope")], ["eval", str(tmp_path / "nope")], ["analyze", str(tmp_path / "nope")],
+             ["analyze", good, "--out", out, "--samples", "1"], ["analyze", good, "--out", out, "--loops", "5000"],
+             ["analyze", good, "--out", out, "--tokens", str(tmp_path / "missing.npy")],
+             ["eval", good, "--loops", "5000"], ["analyze", good, "--samples", "abc"],
+             ["train", "--config", str(env["preset"]), "--out", out, "--d-model", "1000000000"],
+             ["train", "--config", str(env["preset"]), "--out", out, "--batch-size", "100000000"],
+             ["figures", "--checkpoints", str(tmp_path / "nope"), "--out", out],
+             ["analyze", dory, "--out", out, "--loops", "1000000", "--tokens", tokens],
+             ["analyze", dory, "--out", out, "--data", "shakespeare"], ["info", str(remote)]]
+    cases += [["info", str(d)] for d in bad.values()] + [["analyze", str(d), "--out", out] for d in bad.values()]
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(cases=cases)], capture_output=True, text=True,
+                          check=False, env={**os.environ, "MESHPROBE_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", done.stdout
+    assert len(done.stderr.strip().splitlines()) == len(cases)  # one line each
+    assert not (tmp_path / "out").exists()

@@ -27,8 +27,8 @@ from meshprobe.checks import check_fits
 from meshprobe.config import MAX_DEPTH, MAX_LAYERS, MAX_SIZES
 from meshprobe.errors import UserError
 
-__all__ = ["CTX_FIELDS", "INDEX_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE", "check_hf_dir", "check_loop_counts", "known_model_type",
-           "read_safetensors_header", "weight_tensors"]
+__all__ = ["CTX_FIELDS", "INDEX_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE", "check_hf_dir", "check_loop_counts",
+           "known_model_type", "read_safetensors_header", "weight_tensors"]
 
 WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"  # what transformers reads, in order
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -166,7 +166,8 @@ def _transformers_strings() -> frozenset[str] | None:
 
 def known_model_type(model_type: str) -> bool | None:
     """False when the installed transformers certainly does not build ``model_type`` (it appears nowhere in its
-    model-type tables); None when it may (transformers itself decides, :func:`~meshprobe.hf.loader.remote_code_reason`)."""
+    model-type tables); None when it may (then transformers itself decides:
+    :func:`~meshprobe.hf.loader.remote_code_reason`)."""
     strings = _transformers_strings()
     return None if strings is None or model_type in strings else False
 

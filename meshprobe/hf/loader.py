@@ -260,8 +260,9 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(p, trust_remote_code=bool(trust_remote_code), local_files_only=True)
     except Exception as exc:
-        err = remote_code_error(exc, [p]) or (UserError(f"{p}: its tokenizer does not load ({str(exc).splitlines()[0]})")
-                                              if isinstance(exc, (OSError, ValueError)) else None)
+        plain = isinstance(exc, (OSError, ValueError))
+        err = remote_code_error(exc, [p]) or (
+            UserError(f"{p}: its tokenizer does not load ({str(exc).splitlines()[0]})") if plain else None)
         if err is None:
             raise
         raise err from None
