@@ -515,7 +515,9 @@ HF_DAMAGE = {  # name -> (damage(model directory), a phrase of the message); eve
     "n_recurrent_loops a string": (_config(n_recurrent_loops="3"), "got '3'"),
     "config.json not an object": (_write("config.json", "[1, 2]"), "config.json"),
     "config.json not JSON": (_write("config.json", "{"), "config.json"),
-    "config.json invalid for transformers": (_config(num_attention_heads=3), "config.json"),
+    "num_attention_heads 3 (weights for 4)": (_config(num_attention_heads=3), "do not match config.json"),
+    "hidden_size a string": (_config(hidden_size="x"), "hidden_size must be a positive integer, got 'x'"),
+    "head_dim a string (the config class refuses it)": (_config(head_dim="x"), "config.json: transformers refuses it"),
 }
 
 

@@ -37,6 +37,7 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 LOAD_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 HIDDEN_FIELDS = ("hidden_size", "n_embd", "d_model")
+SIZE_FIELDS = ("vocab_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
 CTX_FIELDS = ("max_position_embeddings", "n_positions", "block_size", "max_seq_len", "seq_length")
 EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                    "backbone.embeddings.weight")
@@ -203,6 +204,10 @@ def check_loop_counts(p: Path, config: dict[str, Any], fields: tuple[str | None,
 def _check_sizes(p: Path, config: dict[str, Any], tensors: dict, dtype: str | None) -> None:
     """The embedding's width against the config's hidden size, the sizes against meshprobe's bounds, the
     weights against this machine's memory (in the dtype they load in)."""
+    for name in (*HIDDEN_FIELDS, *SIZE_FIELDS, *CTX_FIELDS):  # what transformers would refuse after seconds
+        v = config.get(name)
+        if v is not None and (_int_field(config, name) is None or v < 1):
+            raise UserError(f"{p / 'config.json'}: {name} must be a positive integer, got {v!r}")
     field = next((f for f in HIDDEN_FIELDS if _int_field(config, f) is not None), None)
     emb = next(((k, v) for k, v in sorted(tensors.items()) if k.endswith(EMBEDDING_NAMES) and len(v[1]) == 2), None)
     if field is not None and emb is not None and emb[1][1][1] != config[field]:

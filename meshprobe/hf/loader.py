@@ -133,9 +133,14 @@ def _check_size(p: Path, trust_remote_code: bool, dtype) -> None:
 
     try:
         config = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:  # whatever the config class raises (a validation error), config.json is at fault
+        message = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise remote_code_error(exc, [p]) or UserError(f"{p / 'config.json'}: transformers refuses it ({message})"
+                                                       ) from None
+    try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # any error of config validation or (trusted) model code: one line
+    except Exception as exc:  # an error of (trusted) model code, or of a config the model cannot be built from
         err = _loading_error(p, exc, "build the model from config.json")
         if err is None:
             raise
