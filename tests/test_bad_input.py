@@ -538,8 +538,8 @@ def test_damaged_transformers_directory(hf_env, case, command, tmp_path, capsys)
 HF_COMMANDS = {  # name -> (arguments after the model directory, a phrase of the message)
     "analyze --loops 1000000": (["analyze", "--loops", "1000000", "--tokens", "{tokens}"], "--loops 1000000: give 1 to 1024"),
     "info --loops 1000000": (["info", "--loops", "1000000"], "--loops 1000000: give 1 to 1024"),
-    "analyze, states of a batch too big": (["analyze", "--loops", "1024", "--batch-size", "100000000", "--seq-len",
-                                            "64", "--tokens", "{tokens}"], "GiB"),
+    "analyze, states of a batch too big": (["analyze", "--loops", "1024", "--batch-size", "1000000", "--samples",
+                                            "1000000", "--seq-len", "128"], "GiB"),
     "analyze --data without a tokenizer": (["analyze", "--data", "shakespeare"], "--tokens FILE.npy"),
     "analyze, no data flag, no tokenizer": (["analyze"], "--tokens FILE.npy"),
 }
@@ -664,6 +664,9 @@ def test_bad_input_answers_before_torch_loads(env, hf_env, tmp_path):
     remote = tmp_path / "remote"
     shutil.copytree(hf_env["dory"], remote)
     _config(auto_map={"AutoModelForCausalLM": "modeling_x.X"})(remote)
+    unknown = tmp_path / "unknown-type"
+    shutil.copytree(hf_env["dory"], unknown)
+    _config(model_type="not_a_model_type")(unknown)
     out, good, dory, tokens = str(tmp_path / "out"), str(env["good"]), str(hf_env["dory"]), str(hf_env["tokens"])
     cases = [["info", str(tmp_path / "nope")], ["eval", str(tmp_path / "nope")], ["analyze", str(tmp_path / "nope")],
              ["analyze", good, "--out", out, "--samples", "1"], ["analyze", good, "--out", out, "--loops", "5000"],
@@ -673,7 +676,8 @@ def test_bad_input_answers_before_torch_loads(env, hf_env, tmp_path):
              ["train", "--config", str(env["preset"]), "--out", out, "--batch-size", "100000000"],
              ["figures", "--checkpoints", str(tmp_path / "nope"), "--out", out],
              ["analyze", dory, "--out", out, "--loops", "1000000", "--tokens", tokens],
-             ["analyze", dory, "--out", out, "--data", "shakespeare"], ["info", str(remote)]]
+             ["analyze", dory, "--out", out, "--data", "shakespeare"], ["info", str(remote)], ["info", str(unknown)],
+             ["analyze", dory, "--out", out, "--loops", "1024", "--batch-size", "10000", "--samples", "10000"]]
     cases += [["info", str(d)] for d in bad.values()] + [["analyze", str(d), "--out", out] for d in bad.values()]
     done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(cases=cases)], capture_output=True, text=True,
                           check=False, env={**os.environ, "MESHPROBE_CACHE": str(tmp_path / "cache")})

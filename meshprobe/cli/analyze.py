@@ -160,10 +160,12 @@ def _run_hf(args, done) -> int:
 
     if args.loops and len(args.loops) > 1:
         raise UserError("--loops takes one K for transformers model directories")
+    rows, cols = _token_file_shape(args.tokens) if args.tokens else (None, None)
+    batch = min(args.batch_size, args.samples or rows or DEFAULT_SAMPLES)  # the batches hold at most every sample
     for p in args.checkpoints:  # config, weights' headers, loop counts, sizes, tokenizer: before torch loads
         check_hf_dir(p, spec=args.loop_spec, loops=args.loops[0] if args.loops else None, tokens=bool(args.tokens),
-                     trust_remote_code=args.trust_remote_code, batch_size=args.batch_size,
-                     seq_len=args.seq_len or (None if args.tokens else DEFAULT_SEQ_LEN))
+                     trust_remote_code=args.trust_remote_code, batch_size=batch,
+                     seq_len=args.seq_len or cols or DEFAULT_SEQ_LEN)
     from meshprobe.analysis.pipeline.hf_dirs import analyze_hf_dirs
 
     _refuse_remote_code(args.checkpoints, args.trust_remote_code, args.tokens)
@@ -181,6 +183,20 @@ def _run_hf(args, done) -> int:
             max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done)
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures)")
     return 0
+
+
+def _token_file_shape(path) -> tuple[int | None, int | None]:
+    """(rows, tokens per row) of a .npy token file from its header alone; (None, None) when it has none (the
+    analysis reports a bad file in full when it reads it)."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            shape = (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)[0]
+    except (OSError, ValueError, TypeError):
+        return None, None
+    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else (None, None)
 
 
 @contextmanager
