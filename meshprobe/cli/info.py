@@ -72,12 +72,13 @@ def _run_hf(args) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshprobe._io import real_path
-    from meshprobe.checkpoint import load_checkpoint, load_tokenizer
     from meshprobe.hf.loader import is_hf_dir
 
     if is_hf_dir(args.path):
         return _run_hf(args)
+    from meshprobe._io import real_path
+    from meshprobe.checkpoint import load_checkpoint, load_tokenizer
+
     for flag, value in (("--loop-spec", args.loop_spec), ("--loops", args.loops),
                         ("--trust-remote-code", args.trust_remote_code or None)):
         if value is not None:

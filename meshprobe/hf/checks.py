@@ -13,11 +13,11 @@ expected shape) is checked by :func:`meshprobe.hf.loader.load` on the meta devic
 """
 from __future__ import annotations
 
-import ast
 import importlib.util
 import json
 import math
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 MAX_HEADER = 100_000_000  # safetensors' own bound on the JSON header
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_QUOTED = re.compile(r'"([^"\n]*)"|\'([^\'\n]*)\'')
 LOAD_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 HIDDEN_FIELDS = ("hidden_size", "n_embd", "d_model")
 SIZE_FIELDS = ("vocab_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")
@@ -149,8 +150,8 @@ def weight_tensors(path: str | os.PathLike) -> dict[str, tuple[str, list[int], P
 
 @lru_cache(maxsize=1)
 def _transformers_strings() -> frozenset[str] | None:
-    """Every string literal of transformers' model-type tables (auto_mappings.py, configuration_auto.py), read
-    as text; None when they cannot be found (then only an import of transformers can tell)."""
+    """Every quoted string in transformers' model-type tables (auto_mappings.py, configuration_auto.py), read as
+    text; None when they cannot be found (then only an import of transformers can tell)."""
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -158,10 +159,10 @@ def _transformers_strings() -> frozenset[str] | None:
     strings: set[str] = set()
     for name in ("auto_mappings.py", "configuration_auto.py"):
         try:
-            tree = ast.parse((auto / name).read_text(encoding="utf-8"))
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            text = (auto / name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
             continue
-        strings.update(n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str))
+        strings.update(a or b for a, b in _QUOTED.findall(text))
     return frozenset(strings) if len(strings) > 100 else None
 
 
