@@ -562,6 +562,19 @@ def test_a_good_directory_still_loads(hf_env, capsys):
     assert json.loads(capsys.readouterr().out)["config"]["n_loops"] == 3
 
 
+def test_wrap_bounds_loop_counts_too(hf_env):
+    """A model already in memory gets the same bound, from loops or from its config."""
+    from meshprobe import hf
+    from meshprobe.errors import UserError
+
+    model = hf.load(hf_env["dory"]).hf
+    with pytest.raises(UserError, match="give 1 to 1024 loop steps"):
+        hf.wrap(model, loops=10 ** 6)
+    model.config.n_recurrent_loops = 5000
+    with pytest.raises(UserError, match="n_recurrent_loops = 5000: at most 1024"):
+        hf.wrap(model)
+
+
 def test_model_type_known_from_transformers_source():
     from meshprobe.hf.checks import known_model_type
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from meshprobe.config import MAX_LAYERS
 from meshprobe.errors import UserError
 from meshprobe.hf.checks import CTX_FIELDS
 from meshprobe.hf.spec import LoopSpec, as_spec, builtin_spec
@@ -344,6 +345,8 @@ def _steps(config, field: str | None, what: str) -> int:
     v = getattr(config, field, None) if field else None
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise UserError(f"loop spec: the model config has no positive integer {field!r} ({what})")
+    if v > MAX_LAYERS:
+        raise UserError(f"the model config has {field} = {v}: at most {MAX_LAYERS} loop steps (meshprobe's bound)")
     return v
 
 
@@ -352,8 +355,8 @@ def set_loops(model: nn.Module, spec: LoopSpec, loops: int) -> None:
     any submodule that copied it at construction (Ouro keeps ``total_ut_steps`` on its base model). Models whose
     step count is a forward argument (``steps_kwarg``) get it from the wrapper at every call (their config is left
     as it is)."""
-    if not isinstance(loops, int) or isinstance(loops, bool) or loops < 1:
-        raise UserError(f"loops must be a positive integer, got {loops!r}")
+    if not isinstance(loops, int) or isinstance(loops, bool) or not 1 <= loops <= MAX_LAYERS:
+        raise UserError(f"loops={loops!r}: give 1 to {MAX_LAYERS} loop steps (the bound of meshprobe's checkpoints)")
     field = spec.steps_field
     if field is None or spec.steps_kwarg:
         return
