@@ -8,8 +8,9 @@ every tensor's byte range checked against its dtype and shape, as safetensors it
 shards that are missing or do not hold the tensors it says; an embedding whose width is not the config's
 hidden size; weights too large for this machine's memory; a directory without a tokenizer when no token file is
 given. A model type the installed transformers does not build is recognised from transformers' own source
-files, read as text (importing transformers loads torch). What only the model classes know (every tensor's
-expected shape) is checked by :func:`meshprobe.hf.loader.load` on the meta device, before weights load.
+files, read as text (importing transformers loads torch). What only the model classes know is checked by
+:func:`meshprobe.hf.loader.load` before the weights load: the size of the model config.json describes (built on
+the meta device) and every tensor's shape against it (one line naming the first that differs).
 """
 from __future__ import annotations
 

@@ -5,6 +5,11 @@ no meshprobe ``model`` section (:func:`is_hf_dir`). Its config maps to remote co
 names a model type or architecture the installed transformers does not build; such a directory loads only with
 ``trust_remote_code=True``, and without it no file of the directory is imported. Weights load from safetensors
 only (``use_safetensors=True``); a pickle file is never read. Everything is local (``local_files_only``).
+
+Before anything loads, the directory is checked without torch (:mod:`meshprobe.hf.checks`); then the model
+config.json describes is built on the meta device (its size against memory) and transformers' load report is
+held back, so weights of other shapes are one line naming the first tensor. With ``trust_remote_code``, an
+exception inside the directory's own code is one line naming the file and line (:func:`remote_code_error`).
 """
 from __future__ import annotations
 
