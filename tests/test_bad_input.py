@@ -542,16 +542,22 @@ HF_COMMANDS = {  # name -> (arguments after the model directory, a phrase of the
                                             "1000000", "--seq-len", "128"], "GiB"),
     "analyze --data without a tokenizer": (["analyze", "--data", "shakespeare"], "--tokens FILE.npy"),
     "analyze, no data flag, no tokenizer": (["analyze"], "--tokens FILE.npy"),
+    "analyze DIR MISSING": (["analyze", "{missing}"], "checkpoint not found"),
+    "analyze DIR DAMAGED-DIR": (["analyze", "{damaged}", "--tokens", "{tokens}"], "truncated or corrupt"),
 }
 
 
 @pytest.mark.parametrize("case", list(HF_COMMANDS))
 def test_transformers_directory_bad_flags(hf_env, case, tmp_path, capsys):
     args, phrase = HF_COMMANDS[case]
-    args = [a.replace("{tokens}", str(hf_env["tokens"])) for a in args]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(hf_env["dory"], damaged)
+    _truncate("model.safetensors")(damaged)
+    args = [a.replace("{tokens}", str(hf_env["tokens"])).replace("{missing}", str(tmp_path / "nope"))
+            .replace("{damaged}", str(damaged)) for a in args]
     out = ["--out", str(tmp_path / "out")] if args[0] == "analyze" else []
     before = snapshot(tmp_path)
-    assert main([args[0], str(hf_env["dory"]), *out, *args[1:]]) == 2
+    assert main([args[0], str(hf_env["dory"]), *args[1:], *out]) == 2
     assert phrase in one_error(capsys, args[0])
     assert snapshot(tmp_path) == before
 

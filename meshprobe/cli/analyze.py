@@ -137,6 +137,11 @@ def _hf_dirs(args) -> bool:
 
     hf = [is_hf_dir(p) for p in args.checkpoints]
     if any(hf) and not all(hf):
+        from meshprobe.checkpoint import resolve_checkpoint
+
+        for p in (p for p, h in zip(args.checkpoints, hf) if not h):
+            if not resolve_checkpoint(p).exists():  # a missing one says so, rather than "a mix"
+                raise UserError(f"checkpoint not found: {p}")
         raise UserError("give either meshprobe checkpoints or transformers model directories, not both")
     if not any(hf):
         for flag, value in (("--loop-spec", args.loop_spec), ("--trust-remote-code", args.trust_remote_code or None)):
