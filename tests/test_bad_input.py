@@ -509,6 +509,7 @@ HF_DAMAGE = {  # name -> (damage(model directory), a phrase of the message); eve
     "hidden_size 2**20": (_config(hidden_size=2 ** 20), "hidden_size = 1048576"),
     "intermediate_size 256 (weights 128)": (_config(intermediate_size=256), "do not match config.json"),
     "vocab_size 2**30": (_config(vocab_size=2 ** 30), "vocab_size = 1073741824"),
+    "intermediate_size 2**30 (a model of TBs)": (_config(intermediate_size=2 ** 30), "GiB"),
     "n_recurrent_loops 0": (_config(n_recurrent_loops=0), "n_recurrent_loops must be a loop count from 1 to 1024"),
     "n_recurrent_loops -3": (_config(n_recurrent_loops=-3), "n_recurrent_loops must be a loop count"),
     "n_recurrent_loops 1e6": (_config(n_recurrent_loops=10 ** 6), "got 1000000"),

@@ -130,7 +130,8 @@ def _loading_error(p: Path, exc: Exception, what: str) -> UserError | None:
 
 def _check_size(p: Path, trust_remote_code: bool, dtype) -> None:
     """Build the model config.json describes on the meta device (no memory; config validation and trusted code
-    run) and refuse it, before from_pretrained allocates, when its parameters do not fit in this machine's memory."""
+    run) and refuse it, before from_pretrained allocates, when its parameters do not fit in this machine's memory.
+    A model whose code cannot be built on the meta device is left to from_pretrained."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -145,11 +146,8 @@ def _check_size(p: Path, trust_remote_code: bool, dtype) -> None:
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # an error of (trusted) model code, or of a config the model cannot be built from
-        err = _loading_error(p, exc, "build the model from config.json")
-        if err is None:
-            raise
-        raise err from None
+    except Exception:  # code that cannot run on the meta device: from_pretrained reports what is really wrong
+        return
     width = dtype.itemsize if isinstance(dtype, torch.dtype) else 2  # "auto": at least 2 bytes a parameter
     n = sum(t.numel() for t in model.state_dict().values())
     check_fits(n * width, f"the model config.json describes in {p} ({n:,} parameters)")
