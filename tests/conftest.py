@@ -1,11 +1,61 @@
 import itertools
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("MESHPROBE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "test-tokens"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# ----------------------------------------------------------------------------------------------------------
+# Float tolerances. Two float computations of one quantity that sum in another order (AVX2 or AVX-512
+# kernels, 1 or 2 threads, a chunked or a fused path) round differently: a sum of n terms of size s moves by
+# about eps * s * sqrt(n) (the roundings add like a random walk; the worst case is linear in n). A tolerance
+# tuned on one CPU below that makes the suite red on another, so every float comparison takes its tolerance
+# from these helpers (or from a float64 reference): c * eps * sqrt(n_terms) relative, the same times the
+# scale absolute (elements near zero carry the rounding of the large terms that cancelled into them).
+# ----------------------------------------------------------------------------------------------------------
+EPS32 = torch.finfo(torch.float32).eps
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def _max_abs(x) -> float:
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().abs().max()) if x.numel() else 0.0
+    arr = np.abs(np.asarray(x, dtype=np.float64))
+    return float(arr.max()) if arr.size else 0.0
+
+
+def f32_tol(reference, n_terms: int = 1, *, scale: float | None = None, layers: int = 1, c: float = 4.0,
+            eps: float = EPS32) -> dict:
+    """``dict(rtol=, atol=)`` for comparing a float32 result with `reference` (torch.testing.assert_close,
+    np.testing.assert_allclose): each compared element is a sum of about `n_terms` float32 terms of size
+    `scale` (default max|reference|; pass it when the terms are larger than the result), computed through
+    `layers` such sums in a row (a network's depth: each layer's rounding is carried into the next).
+    c = 4 standard deviations of the random walk, and no tolerance below a few ulps of the scale."""
+    s = _max_abs(reference) if scale is None else float(scale)
+    rtol = c * eps * math.sqrt(max(n_terms, 1)) * max(layers, 1)
+    return dict(rtol=rtol, atol=rtol * s)
+
+
+def f64_tol(reference, n_terms: int = 1, **kw) -> dict:
+    """:func:`f32_tol` for two computations done in float64 throughout."""
+    return f32_tol(reference, n_terms, eps=EPS64, **kw)
+
+
+def model_tol(reference, cfg, **kw) -> dict:
+    """:func:`f32_tol` for two float32 forwards (or backwards) of one model of config `cfg` that may round
+    differently: terms of its widest sum (the MLP's d_mlp), through every unrolled layer and the readout."""
+    return f32_tol(reference, cfg.d_mlp, layers=cfg.n_layers + 1, **kw)
+
+
+def approx_f32(expected, n_terms: int = 1, **kw):
+    """pytest.approx with :func:`f32_tol`'s tolerance (``eps=EPS64`` for float64 computations)."""
+    t = f32_tol(expected, n_terms, **kw)
+    return pytest.approx(expected, rel=t["rtol"], abs=t["atol"])
+
 
 # Every variant on a small looped layout, plus the unshared layouts; used by the model and hook tests.
 ALL_VARIANTS = [

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_model, random_tokens, tiny_cfg
+from conftest import f32_tol, model_tol, random_model, random_tokens, tiny_cfg
 
 from meshprobe import ModelConfig, UserError, build_model
 
@@ -95,7 +95,7 @@ def test_forward_matches_hand_written_equations(any_cfg):
     with torch.no_grad():
         got, want = model(tokens), ref_forward(model, tokens)
     assert got.shape == (2, any_cfg.n_ctx, any_cfg.vocab_size)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, **model_tol(want, any_cfg))
 
 
 def test_explicit_attention_path_equals_fused(any_cfg):
@@ -105,7 +105,7 @@ def test_explicit_attention_path_equals_fused(any_cfg):
     with torch.no_grad():
         fused = model(tokens)
         explicit = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda x, hook: x)])
-    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused, explicit, **model_tol(fused, any_cfg))
 
 
 def test_causal(any_cfg):
@@ -115,7 +115,7 @@ def test_causal(any_cfg):
     changed[0, 9:] = (changed[0, 9:] + 1) % any_cfg.vocab_size
     with torch.no_grad():
         a, b = model(tokens), model(changed)
-    torch.testing.assert_close(a[:, :9], b[:, :9])
+    torch.testing.assert_close(a[:, :9], b[:, :9], **model_tol(a, any_cfg))
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
@@ -175,7 +175,7 @@ def test_router_zero_init_gives_uniform_routing():
     model = build_model(cfg)
     _, cache = model.run_with_cache(random_tokens(cfg), names_filter=lambda n: n.endswith("weights"))
     for name, w in cache.items():
-        torch.testing.assert_close(w, torch.full_like(w, 1 / cfg.mesh_slots))
+        torch.testing.assert_close(w, torch.full_like(w, 1 / cfg.mesh_slots), **f32_tol(1.0, cfg.mesh_slots))
 
 
 @pytest.mark.parametrize(
@@ -237,7 +237,8 @@ def test_vanilla_layer_matches_hf_gpt_neox():
     assert not unexpected and all("rotary" in k or "masked_bias" in k for k in missing), (missing, unexpected)
     tokens = random_tokens(cfg)
     with torch.no_grad():
-        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+        want = hf(tokens).logits
+        torch.testing.assert_close(ours(tokens), want, **model_tol(want, cfg))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,10 +265,11 @@ def test_mesh_fast_read_equals_materialized_buffer(cfg):
     fast_logits, fast_grads = _loss_and_grads(model, tokens)
     dense_logits, dense_grads = _loss_and_grads(model, tokens, identity)
     assert seen == [(2, cfg.mesh_slots, cfg.n_ctx, cfg.d_model)] * (cfg.n_loops + 1)  # the dense path ran
-    torch.testing.assert_close(fast_logits, dense_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_logits, dense_logits, **model_tol(dense_logits, cfg))
     assert fast_grads.keys() == dense_grads.keys()
+    scale = max(g.abs().max().item() for g in dense_grads.values())  # some gradients cancel to ~0
     for name in fast_grads:
-        torch.testing.assert_close(fast_grads[name], dense_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(fast_grads[name], dense_grads[name], **model_tol(None, cfg, scale=scale), msg=name)
 
 
 def _grads_of_states(model, tokens, names, fwd_hooks=(), repeat=1):
@@ -297,7 +299,7 @@ def test_mesh_chained_read_partial_and_repeated_backward():
     for name, a, b, c in zip(names, first, second, dense):
         assert a.abs().sum() > 0, name
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, c, **model_tol(c, cfg), msg=name)
 
 
 def test_mesh_memory_hook_edits_flow_into_reads_and_later_writes():
@@ -327,12 +329,13 @@ def test_mesh_memory_hook_edits_flow_into_reads_and_later_writes():
         # step 0's buffer = the bumped entry buffer + step 0's write
         w0 = cache["loop.0.mesh.hook_write_weights"]
         want = cache["entry.mesh.hook_memory"] + w0.transpose(1, 2).unsqueeze(-1) * cache["loop.0.hook_core_out"].unsqueeze(1)
-        torch.testing.assert_close(cache["loop.0.mesh.hook_memory"], want)
-        torch.testing.assert_close(cache["entry.mesh.hook_memory"], bump(clean_cache["entry.mesh.hook_memory"], None))
+        torch.testing.assert_close(cache["loop.0.mesh.hook_memory"], want, **f32_tol(want, 2))  # one product, one sum
+        torch.testing.assert_close(cache["entry.mesh.hook_memory"], bump(clean_cache["entry.mesh.hook_memory"], None),
+                                   rtol=0, atol=0)  # the same function of the same tensor
 
         with model.hooks(fwd_hooks=[(f"{last}.hook_memory", zero_slot0)]):
             zeroed, cache = model.run_with_cache(tokens)
         assert not torch.allclose(clean, zeroed)
         memory = zero_slot0(clean_cache[f"{last}.hook_memory"], None)
         want = torch.einsum("bsn,bnsd->bsd", clean_cache[f"{last}.hook_read_weights"], memory)
-        torch.testing.assert_close(cache[f"loop.{K - 1}.hook_state_out"], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache[f"loop.{K - 1}.hook_state_out"], want, **f32_tol(want, cfg.mesh_slots))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_VARIANTS, all_configs, perturbed_model, random_tokens, tiny_cfg
+from conftest import ALL_VARIANTS, all_configs, f32_tol, model_tol, perturbed_model, random_tokens, tiny_cfg
 from transformer_lens import patching
 
 from meshprobe import build_model, load_checkpoint
@@ -23,6 +23,13 @@ def cached(model, tokens, **kwargs):
 
 def final_resid(cache, cfg):
     return cache["coda.hook_out"] if not cfg.is_vanilla else cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+
+
+def sum_tol(stack, width: int) -> dict:
+    """Tolerance for stack.sum(0) against the model's own value: the components (each a sum of about `width`
+    terms, possibly computed another way, e.g. per head) are summed in another order; the scale is the
+    largest component, since components cancel into the sum."""
+    return f32_tol(None, stack.shape[0] * width, scale=stack.abs().max())
 
 
 # --- per-head hooks --------------------------------------------------------------------------------------
@@ -44,13 +51,14 @@ def test_per_head_hooks_on_every_unrolled_layer(variant):
         assert cache[f"blocks.{u}.attn.hook_result"].shape == (b, s, h, cfg.d_model)
         q = cache[f"blocks.{u}.attn.hook_q"]
         rotated = apply_rotary(q.transpose(1, 2), cos, sin).transpose(1, 2)
-        torch.testing.assert_close(cache[f"blocks.{u}.attn.hook_rot_q"], rotated)
+        torch.testing.assert_close(cache[f"blocks.{u}.attn.hook_rot_q"], rotated, **f32_tol(rotated, 2))
         assert not torch.allclose(cache[f"blocks.{u}.attn.hook_rot_q"], q)  # rotary really applied
-        torch.testing.assert_close(cache[f"blocks.{u}.ln1.hook_scale"],
-                                   cache[f"blocks.{u}.hook_resid_pre"].var(-1, keepdim=True, unbiased=False).add(cfg.layer_norm_eps).sqrt())
+        scale = cache[f"blocks.{u}.hook_resid_pre"].var(-1, keepdim=True, unbiased=False).add(cfg.layer_norm_eps).sqrt()
+        torch.testing.assert_close(cache[f"blocks.{u}.ln1.hook_scale"], scale, **f32_tol(scale, cfg.d_model))
         # pattern @ v = z, per head
         z = cache[f"blocks.{u}.attn.hook_pattern"] @ cache[f"blocks.{u}.attn.hook_v"].transpose(1, 2)
-        torch.testing.assert_close(z.transpose(1, 2), cache[f"blocks.{u}.attn.hook_z"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(z.transpose(1, 2), cache[f"blocks.{u}.attn.hook_z"],
+                                   **f32_tol(z, cfg.n_ctx + cfg.d_head))  # softmax of q.k, then over keys
 
 
 def test_weight_views_are_the_tied_weights():
@@ -83,7 +91,7 @@ def test_fast_path_when_idle_and_every_path_gives_the_same_logits(monkeypatch):
         everything = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, lambda x, hook: x)])
         assert len(calls) == 0  # pattern / scores hooked: explicit attention everywhere
     for other in (z_only, everything):
-        torch.testing.assert_close(other, fast, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(other, fast, **model_tol(fast, cfg))
 
 
 @pytest.mark.parametrize("variant", ["residual", "mesh"])
@@ -97,8 +105,8 @@ def test_head_results_sum_to_attn_out_minus_bias(variant):
     _, hooked = cached(model, tokens)
     for u in range(cfg.n_layers):
         want = plain[f"blocks.{u}.hook_attn_out"] - model.blocks[u].attn.b_O
-        torch.testing.assert_close(hooked[f"blocks.{u}.attn.hook_result"].sum(-2), want, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(plain[f"blocks.{u}.attn.hook_result"].sum(-2), want, rtol=1e-4, atol=1e-5)
+        for result in (hooked[f"blocks.{u}.attn.hook_result"], plain[f"blocks.{u}.attn.hook_result"]):
+            torch.testing.assert_close(result.sum(-2), want, **sum_tol(result.transpose(0, -2), cfg.d_head))
 
 
 def test_hook_z_inside_one_loop_step_changes_only_that_iteration():
@@ -116,7 +124,7 @@ def test_hook_z_inside_one_loop_step_changes_only_that_iteration():
         _, patched = model.run_with_cache(tokens)
     for name in ["blocks.2.attn.hook_z", "blocks.4.attn.hook_q", "loop.0.hook_state_out", "blocks.2.hook_attn_out",
                  "blocks.4.hook_mlp_out"]:
-        torch.testing.assert_close(patched[name], clean[name], msg=name)
+        torch.testing.assert_close(patched[name], clean[name], **model_tol(clean[name], cfg), msg=name)
     assert torch.equal(patched["blocks.4.attn.hook_z"][:, :, 1], torch.zeros_like(clean["blocks.4.attn.hook_z"][:, :, 1]))
     for name in ["blocks.4.hook_attn_out", "loop.1.hook_core_out", "loop.1.hook_state_out", "blocks.6.attn.hook_z"]:
         assert not torch.allclose(patched[name], clean[name]), name
@@ -134,7 +142,7 @@ def test_decompose_looped_sums_back_at_every_layer(cfg):
         for heads in (False, True):
             stack, labels = decompose_looped(cache, layer, heads=heads)
             assert stack.shape[0] == len(labels) == len(set(labels))
-            torch.testing.assert_close(stack.sum(0), want, rtol=1e-4, atol=1e-4, msg=f"layer {layer} heads {heads}")
+            torch.testing.assert_close(stack.sum(0), want, **sum_tol(stack, cfg.d_model), msg=f"layer {layer} heads {heads}")
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
@@ -148,9 +156,12 @@ def test_state_parts_sum_to_the_next_state(variant):
         parts = state_parts(cache, t)
         if variant in expected:
             assert set(parts) == expected[variant]
-        torch.testing.assert_close(sum(parts.values()), cache[f"loop.{t}.hook_state_out"], rtol=1e-4, atol=1e-5)
+        # each part a product, summed over the parts (a mesh slot's over the loop steps that wrote it)
+        stack = torch.stack(list(parts.values()))
+        torch.testing.assert_close(stack.sum(0), cache[f"loop.{t}.hook_state_out"], **sum_tol(stack, cfg.n_loops + 1))
     if variant == "mesh":
-        torch.testing.assert_close(sum(state_parts(cache, "entry").values()), cache["loop.0.hook_state_in"])
+        stack = torch.stack(list(state_parts(cache, "entry").values()))
+        torch.testing.assert_close(stack.sum(0), cache["loop.0.hook_state_in"], **sum_tol(stack, 1))
 
 
 @pytest.mark.parametrize("variant", ["base", "vanilla"])
@@ -163,17 +174,17 @@ def test_tl_decompositions_where_the_residual_is_a_plain_sum(variant):
     tl_stack, tl_labels = cache.decompose_resid(return_labels=True)
     ours, labels = decompose_looped(cache)
     assert tl_labels == labels
-    torch.testing.assert_close(tl_stack, ours)
-    torch.testing.assert_close(tl_stack.sum(0), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tl_stack, ours, rtol=0, atol=0)  # the same cached components
+    torch.testing.assert_close(tl_stack.sum(0), want, **sum_tol(tl_stack, 1))
     full = cache.get_full_resid_decomposition()  # heads, neurons, embed, accumulated biases
-    torch.testing.assert_close(full.sum(0), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full.sum(0), want, **sum_tol(full, cfg.d_head))
     heads = cache.stack_head_results(incl_remainder=True)
     assert heads.shape[0] == cfg.n_layers * cfg.n_heads + 1
-    torch.testing.assert_close(heads.sum(0), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(heads.sum(0), want, **sum_tol(heads, cfg.d_head))
     # apply_ln_to_stack: LN(sum) == sum of the scaled components, up to LN's weight and bias
-    scaled = cache.apply_ln_to_stack(tl_stack, layer=-1).sum(0)
-    torch.testing.assert_close(scaled * model.ln_final.weight + model.ln_final.bias, cache["ln_final.hook_normalized"],
-                               rtol=1e-4, atol=1e-4)
+    parts = cache.apply_ln_to_stack(tl_stack, layer=-1) * model.ln_final.weight
+    scaled = parts.sum(0) + model.ln_final.bias
+    torch.testing.assert_close(scaled, cache["ln_final.hook_normalized"], **sum_tol(parts, cfg.d_model))
 
 
 @pytest.mark.parametrize("variant", ["residual", "anchor", "dynamic_comb", "mesh"])
@@ -188,8 +199,8 @@ def test_tl_residual_sums_refuse_past_a_loop_mix(variant):
         assert "\n" not in str(info.value)
     # up to the layer before the first mix TL's own answer is right, and equals ours
     tl_stack = cache.decompose_resid(layer=first - 1)
-    torch.testing.assert_close(tl_stack, decompose_looped(cache, first - 1)[0])
-    torch.testing.assert_close(tl_stack.sum(0), cache[f"blocks.{first - 1}.hook_resid_pre"])
+    torch.testing.assert_close(tl_stack, decompose_looped(cache, first - 1)[0], rtol=0, atol=0)  # cached values
+    torch.testing.assert_close(tl_stack.sum(0), cache[f"blocks.{first - 1}.hook_resid_pre"], **sum_tol(tl_stack, 1))
     assert cache.accumulated_resid().shape[0] == cfg.n_layers + 1  # coda present: its entries are cached values
 
 
@@ -203,7 +214,7 @@ def test_tl_logit_attrs_of_the_looped_decomposition_sum_to_the_logit(variant):
     answer = tokens.roll(-1, dims=1)  # [batch, pos]: the next token at every position
     attrs = cache.logit_attrs(stack, answer)  # TL's own function
     want = logits.gather(-1, answer[..., None])[..., 0] - (model.ln_final.bias @ model.W_U)[answer]
-    torch.testing.assert_close(attrs.sum(0), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(attrs.sum(0), want, **sum_tol(attrs, cfg.d_model))  # each attr: LN, then a dot product
 
 
 # --- transformer_lens.patching ----------------------------------------------------------------------------
@@ -234,11 +245,12 @@ def test_tl_head_and_resid_patching_agree_with_manual_patches():
             return metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, hook)]))
 
     everything = slice(None)
+    tol = model_tol(None, cfg, scale=heads.abs().max())  # a metric of the logits, patched and run again
     for u, h in [(0, 1), (2, 0), (4, 3)]:  # prelude, loop step 0, loop step 1 (same weights as u=2)
-        torch.testing.assert_close(heads[u, h], manual(f"blocks.{u}.attn.hook_z", (everything, everything, h)))
-        torch.testing.assert_close(by_pos[u, 2, h], manual(f"blocks.{u}.attn.hook_z", (everything, 2, h)))
+        torch.testing.assert_close(heads[u, h], manual(f"blocks.{u}.attn.hook_z", (everything, everything, h)), **tol)
+        torch.testing.assert_close(by_pos[u, 2, h], manual(f"blocks.{u}.attn.hook_z", (everything, 2, h)), **tol)
     for u, pos in [(1, 4), (3, 5)]:
-        torch.testing.assert_close(resid[u, pos], manual(f"blocks.{u}.hook_resid_pre", (everything, pos)))
+        torch.testing.assert_close(resid[u, pos], manual(f"blocks.{u}.hook_resid_pre", (everything, pos)), **tol)
     assert not torch.allclose(heads[2], heads[4])  # the two iterations of the same core layer differ
 
 
@@ -260,7 +272,7 @@ def test_tool_table_on_bundled_checkpoints(name):
             with pytest.raises(LoopedResidualError, match=r"meshprobe\.tl\.decompose\.decompose_looped"):
                 call()
     stack, labels = decompose_looped(cache, heads=True)
-    torch.testing.assert_close(stack.sum(0), final_resid(cache, cfg), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stack.sum(0), final_resid(cache, cfg), **sum_tol(stack, cfg.d_model))
     assert len([lab for lab in labels if lab.startswith("L")]) == cfg.n_layers * cfg.n_heads
     with torch.no_grad():
         out = patching.get_act_patch_attn_head_out_all_pos(model, tokens.flip(0), cache, lambda lg: lg[:, -1, 0].mean())
