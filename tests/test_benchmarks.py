@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import approx_f32
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,5 +42,6 @@ def test_mesh_stall_tiny(tmp_path):
     assert [s["step"] for s in snaps] == [0, 2, 4] and out.with_suffix(".png").stat().st_size > 5000
     router = snaps[0]["router"]
     assert router["steps"] == ["entry", "loop 1", "loop 2"] and len(router["read"][0]) == router["slots"] == 5
-    assert all(abs(sum(w) - 1) < 1e-6 for w in router["read"] + router["write"])
+    # softmax weights over the slots (float32) averaged over tokens: they sum to 1 up to float32 rounding
+    assert all(sum(w) == approx_f32(1.0, router["slots"]) for w in router["read"] + router["write"])
     assert snaps[-1]["latent_map"]["states"][:2] == ["h_emb", "h^(0)"] and "h^(2)" in snaps[-1]["patching"]["sites"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import approx_f32, model_tol, tiny_cfg
 
 from meshprobe import build_model, load_checkpoint, save_checkpoint
 from meshprobe.cli import main
@@ -37,7 +37,8 @@ def test_fewer_loops_equal_the_trained_model_read_at_that_step(tmp_path, variant
         assert torch.equal(load_checkpoint(path, loops=3)(x), model(x))
         short = load_checkpoint(path, loops=2)
         assert short.cfg.layout == "1+2R2+1" and short.cfg.n_loops == 2
-        torch.testing.assert_close(short(x), model.readout(cache["loop.1.hook_state_out"], through_coda=True))
+        want = model.readout(cache["loop.1.hook_state_out"], through_coda=True)
+        torch.testing.assert_close(short(x), want, **model_tol(want, model.cfg))
     assert short.checkpoint_config["model"]["layout"] == "1+2R3+1"  # the file's config is kept
 
 
@@ -50,7 +51,8 @@ def test_more_loops_repeat_the_core(tmp_path):
         h = cache["loop.2.hook_state_out"]
         core_again = model.core(h, model.rotary_cos, model.rotary_sin, list(deep.blocks[7:9]))
     assert len(deep.loop) == 5 and "loop.4.hook_state_out" in cache
-    torch.testing.assert_close(cache["loop.3.hook_state_out"], core_again)  # base: h^(4) = f_core(h^(3))
+    # base: h^(4) = f_core(h^(3))
+    torch.testing.assert_close(cache["loop.3.hook_state_out"], core_again, **model_tol(core_again, deep.cfg))
 
 
 @pytest.mark.parametrize("cfg, loops, message", [
@@ -120,8 +122,11 @@ def test_text_depth_loss_and_lens(tmp_path):
     path, model = saved(tmp_path, "base")
     tokens = np.random.default_rng(0).integers(0, 97, (6, 16))
     r = text_depth(path, tokens, loops=[1, 3, 4], batch_size=4)
-    assert r["loss"][1] == pytest.approx(sample_loss(model, tokens)) and len(r["lens"][2]) == 5  # h^(0..4)
-    assert r["trained_loops"] == 3 and r["lens"][0][:2] == pytest.approx(r["lens"][1][:2])
+    # other batch shapes than sample_loss's: the loss moves by the rounding of the forward and the row mean
+    n_terms, layers = tokens.size + model.cfg.d_mlp, model.cfg.n_layers + 1
+    assert r["loss"][1] == approx_f32(sample_loss(model, tokens), n_terms, layers=layers)
+    assert len(r["lens"][2]) == 5  # h^(0..4)
+    assert r["trained_loops"] == 3 and r["lens"][0][:2] == approx_f32(r["lens"][1][:2], n_terms, layers=layers)
 
 
 def test_analyze_text_checkpoint_at_each_k(tmp_path):
@@ -146,4 +151,6 @@ def test_eval_of_a_bundled_checkpoint_needs_no_corpus(capsys):
     res = json.loads(capsys.readouterr().out)
     assert "val_tokens.npy" in res["data"] and res["tokens"] == 3 * 32
     rows = np.load(ckpt / "val_tokens.npy")[:3, :32]
-    assert abs(res["loss"] - sample_loss(load_checkpoint(ckpt), rows)) < 1e-5
+    model = load_checkpoint(ckpt)
+    want = sample_loss(model, rows)  # other batches than eval's: the rounding of the forward and the row mean
+    assert res["loss"] == approx_f32(want, rows.size + model.cfg.d_mlp, layers=model.cfg.n_layers + 1)

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import approx_f32
+
 from meshprobe import ModelConfig, build_model
 from meshprobe.data import tasks
 from meshprobe.analysis import ground_truth as gt
@@ -69,9 +71,11 @@ def test_states_lens_and_patching_on_tiny_models(variant, layout):
     assert p["sites"] == [s for s, _, _ in gt.patch_sites(model.cfg)] and p["positions"] > 20
     eff = dict(zip(p["sites"], p["effect"]))
     last = "layer 3" if variant == "vanilla" else "h^(2)"
-    assert eff[last] == pytest.approx(1.0, abs=1e-5)  # the coda sees only the last state: fully corrupted
+    # a ratio of differences of two forwards' metrics: their rounding through the layers
+    one = approx_f32(1.0, model.cfg.d_mlp, layers=model.cfg.n_layers + 1)
+    assert eff[last] == one  # the coda sees only the last state: fully corrupted
     if variant == "base":
-        assert eff["h^(0)"] == pytest.approx(1.0, abs=1e-5)  # base: everything flows through the loop state
+        assert eff["h^(0)"] == one  # base: everything flows through the loop state
     if variant == "mesh":
         assert any(abs(e - 1.0) > 1e-3 for s, e in eff.items() if s.startswith("slot"))
 

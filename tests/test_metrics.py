@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import f32_tol, f64_tol
 
 from meshprobe.analysis.metrics import (
     RunningStats,
@@ -213,7 +214,10 @@ def test_singular_spectrum_recovers_planted_values():
     B = torch.stack([X, 2 * X]).float()
     ob = singular_spectrum(B, top=k)
     assert ob.shape == (2, k) and ob.dtype == torch.float64
-    assert torch.allclose(ob[0], ob[1], atol=1e-5) and torch.allclose(ob[0], s / s[0], atol=1e-4)
+    # 2 X is exact in float32, so the two spectra differ by float64 rounding only; against the planted values
+    # the float32 rounding of X moves each singular value by up to eps32 * ||X||
+    torch.testing.assert_close(ob[0], ob[1], **f64_tol(ob[1], seq * d))
+    torch.testing.assert_close(ob[0], s / s[0], **f32_tol(None, seq * d, scale=1.0))
 
 
 def test_singular_spectrum_centering():

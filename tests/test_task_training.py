@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import approx_f32, f32_tol
 
+from meshprobe import load_checkpoint
 from meshprobe.data import tasks
 from meshprobe.cli import main
 
@@ -80,7 +82,8 @@ def test_loss_is_the_mean_over_defined_targets_only():
     loss = compute_loss(lambda _: logits, x, y)
     mask = y >= 0
     manual = torch.nn.functional.cross_entropy(logits[mask], y[mask])
-    assert 0 < mask.float().mean() < 1 and torch.allclose(loss, manual)
+    assert 0 < mask.float().mean() < 1
+    torch.testing.assert_close(loss, manual, **f32_tol(manual, int(mask.sum()) + 10))
     loss.backward()
     assert logits.grad[~mask].abs().max() == 0 and logits.grad[mask].abs().max() > 0
     # no shift: the target at column j is the answer for the symbol at column j
@@ -131,7 +134,9 @@ def test_data_show_and_eval_on_a_task(trained, capsys):
     assert main(["eval", str(trained), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     last = [r for r in read_log(trained) if r["type"] == "eval"][-1]
-    assert res["task_acc"] == pytest.approx(last["task_acc"]) and res["loss"] == pytest.approx(last["val_loss"])
+    cfg = load_checkpoint(trained).cfg  # the same rows as training's eval; the loss within the forward's rounding
+    assert res["task_acc"] == pytest.approx(last["task_acc"])
+    assert res["loss"] == approx_f32(last["val_loss"], 16 * cfg.n_ctx + cfg.d_mlp, layers=cfg.n_layers + 1)
     assert main(["eval", str(trained), "--data", "shakespeare"]) == 2
 
 

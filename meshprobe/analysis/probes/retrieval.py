@@ -84,7 +84,10 @@ class RidgeStats:
         cxx = sxx - n * torch.outer(mu, mu)
         cxy = sxy - n * torch.outer(mu, ybar)
         var = torch.diagonal(cxx) / n
-        std = torch.where(var > 1e-24 * (1 + mu.abs() ** 2), var.sqrt(), torch.ones_like(var))
+        # sxx - n mu^2 cancels: a variance below the float64 rounding of the raw second moment is a constant
+        # column (left unscaled), whatever order the CPU summed in
+        tiny = 64 * torch.finfo(_F64).eps * torch.diagonal(sxx) / n
+        std = torch.where(var > tiny.clamp_min(torch.finfo(_F64).tiny), var.sqrt(), torch.ones_like(var))
         A = cxx / torch.outer(std, std)
         B = cxy / std[:, None]
         evals, Q = torch.linalg.eigh(A)

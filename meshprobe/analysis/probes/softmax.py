@@ -100,7 +100,10 @@ class SoftmaxProbe:
 def _zscore_params(X: Tensor) -> tuple[Tensor, Tensor]:
     mean = X.mean(0)
     std = X.std(0, unbiased=False)
-    return mean, torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
+    # a constant column's std is the rounding of its mean (a few ulps of |mean| in X's dtype, depending on the
+    # CPU's summation order): below that it is noise, not signal, and is left unscaled
+    tiny = 16 * torch.finfo(X.dtype).eps * mean.abs()
+    return mean, torch.where(std > tiny.clamp_min(torch.finfo(X.dtype).tiny), std, torch.ones_like(std))
 
 
 def _path(Xtr, ytr, Xva, yva, C, grid, max_iter, tol, keep: dict | None = None) -> list[float]:
