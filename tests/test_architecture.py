@@ -16,6 +16,7 @@ LAYERS = [
     {"checkpoint"},
     {"evaluate", "training", "hf"},
     {"analysis"},
+    {"features"},
     {"paper"},
     {"cli", "__main__"},
 ]

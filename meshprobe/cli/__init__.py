@@ -25,6 +25,7 @@ COMMANDS = [
     ("info", "meshprobe.cli.info", "config, parameter counts and hook names of a checkpoint"),
     ("data", "meshprobe.cli.data", "list, pack and inspect training corpora"),
     ("figures", "meshprobe.cli.figures", "regenerate figures/ from the bundled checkpoints"),
+    ("features", "meshprobe.cli.features", "a loop crosscoder: the features each loop step computes, keeps and drops"),
     ("zoo", "meshprobe.cli.zoo", "train the checkpoint zoo"),
 ]
 

@@ -1,0 +1,163 @@
+"""The files of `meshprobe features`: features.json, report.md (a "Features across loop steps" section per
+model), the figures, and each model's crosscoder; :func:`run_features` is the command's library side.
+
+Output folder::
+
+    features.json          {"format": "meshprobe-features", "version": 1, "models": [report dict per model]}
+    report.md              the summary per model (classes, FVU, Latent Scaling, causal check, top features)
+    lifetimes.png/.pdf     lifetime classes per model          fvu.png/.pdf   FVU per source, per model
+    <name>/profiles.png    profiles sorted by birth            <name>/crosscoder/   the dictionary (safetensors + JSON)
+
+Everything is written into a staging folder beside ``out`` and moved in when every model succeeded, one
+rename per file, features.json last.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from meshprobe import _io
+from meshprobe.errors import UserError
+
+__all__ = ["render_features", "run_features", "write_features"]
+
+FORMAT = "meshprobe-features"
+
+
+def _f(x, nd: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _causal_lines(c: dict) -> list[str]:
+    lines = [f"Causal check (ablating the feature's decoder contribution at one state, {len(c['features'])} "
+             f"features with the most activation mass; clean loss {c['clean_loss']:.3f}): change in loss / in "
+             "the right answer's logit", "",
+             "| feature | class | birth | " + " | ".join(c["sources"]) + " |",
+             "|---|---|---|" + "---|" * len(c["sources"])]
+    for i, f in enumerate(c["features"]):
+        cells = [f"{dl:+.4f} / {dg:+.3f}" for dl, dg in zip(c["d_loss"][i], c["d_logit"][i])]
+        lines.append(f"| {f} | {c['class'][i]} | {c['birth'][i]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _top_lines(r: dict, n: int = 6) -> list[str]:
+    live = sorted((f for f in r["features"] if f["class"] != "dead"), key=lambda f: -f["frequency"] * f["mean_code"])
+    lines = ["Top features by activation mass:", "", "| feature | class | birth..death | freq | top context |",
+             "|---|---|---|---|---|"]
+    for f in live[:n]:
+        ctx = (f["top"][0]["context"] if f["top"] else "").replace("|", "\\|").replace("\n", "\\n")
+        lines.append(f"| {f['id']} | {f['class']} | {f['birth']}..{f['death']} | {f['frequency']:.3f} | `{ctx}` |")
+    return lines + [""]
+
+
+def _model_section(r: dict) -> list[str]:
+    s, cc = r["summary"], r["crosscoder"]
+    lines = [f"### {r['name']} ({r.get('variant')}, {r.get('layout')})", "",
+             f"Crosscoder: {cc['n_features']} features, k = {cc['k']} ({cc['method']}"
+             + (f", loaded from {cc['loaded_from']}" if cc["loaded_from"] else "") + f"); tokens: {r['tokens']}; "
+             f"{r['rows']} rows. Mean L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}, FVU {r['fvu_total']:.3f}.", "",
+             "| class | features |", "|---|---:|"]
+    lines += [f"| {c} | {n} |" for c, n in r["classes"].items()] + [""]
+    lines += [f"Shares of live features: persistent {_f(s['persistent_share'])}, step-specific "
+              f"{_f(s['step_specific_share'])}, transient {_f(s['transient_share'])}, slot-only "
+              f"{_f(s['slot_only_share'])}; profile flatness (min / max over loop states) {_f(s['flatness'])}."]
+    if s.get("slot_share") is not None:
+        lines.append(f"MeSH slots: {_f(s['slot_share'])} of live features are present in a slot; "
+                     f"{_f(s['persistent_in_slots'])} of the persistent ones; decoder mass in the slots "
+                     f"{_f(s['slot_mass'])} (long-lived features: {_f(s.get('long_lived_slot_mass'))}).")
+    lines += [f"Latent Scaling flags {r['artefact_share']:.1%} of live features (a source where the profile is "
+              "~0 but the data still carries the feature).", "",
+              "| source | " + " | ".join(r["fvu"]) + " |", "|---|" + "---:|" * len(r["fvu"]),
+              "| FVU | " + " | ".join(f"{v:.3f}" for v in r["fvu"].values()) + " |", ""]
+    if r.get("hop_features"):
+        lines += ["Features that follow one hop's latent (purity >= 0.5), by birth state:", ""]
+        lines += [f"- {hop}: " + ", ".join(f"{n} {c}" for n, c in by.items()) for hop, by in r["hop_features"].items()]
+        lines.append("")
+    if r.get("causal"):
+        lines += _causal_lines(r["causal"])
+    return lines + _top_lines(r)
+
+
+def render_features(results: Sequence[dict]) -> str:
+    """The report.md section of a list of model reports."""
+    lines = ["## Features across loop steps", "",
+             "One loop crosscoder per model (`meshprobe features`): a sparse dictionary read from every loop "
+             "state h^(0..K) (and MeSH's memory slots), one decoder per source. Classes from each feature's "
+             "profile (present where its decoder norm is >= 0.2 of its largest).", ""]
+    for r in results:
+        lines += _model_section(r)
+    return "\n".join(lines) + "\n"
+
+
+def write_features(out: str | os.PathLike, results: Sequence[dict], crosscoders: Sequence, plot: bool = True
+                   ) -> list[Path]:
+    """Write the output folder (module docstring) through a staging folder; returns the files."""
+    import json
+
+    from meshprobe.features.plots import plot_fvu, plot_lifetimes, plot_profiles
+
+    out = Path(out)
+    with _io.staging_dir(out) as tmp:
+        for r, cc in zip(results, crosscoders):
+            if cc is not None:
+                cc.save(tmp / r["name"] / "crosscoder")
+            if plot:
+                plot_profiles(r, tmp / r["name"])
+        if plot:
+            plot_lifetimes(results, tmp)
+            plot_fvu(results, tmp)
+        (tmp / "report.md").write_text(render_features(results), encoding="utf-8")
+        doc = {"format": FORMAT, "version": 1, "models": list(results)}
+        (tmp / "features.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        out.mkdir(parents=True, exist_ok=True)
+        files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name == "features.json", str(p)))
+        moved = []
+        for f in files:
+            dest = out / f.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+            moved.append(dest)
+    return moved
+
+
+def _names(paths: Sequence[Path], names: str | None) -> list[str]:
+    from meshprobe.analysis.pipeline.checkpoints import display_names, safe_name
+
+    return [safe_name(n) for n in display_names(names, list(paths))]
+
+
+def run_features(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, load: str | None = None,
+                 names: str | None = None, trust_remote_code: bool = False, plot: bool = True, **options
+                 ) -> list[Path]:
+    """`meshprobe features`: every model loaded and checked (sources, a loaded crosscoder against them, sizes,
+    the output folder) before any training or write; then each model's crosscoder and report; then the files.
+    ``options`` go to :func:`~meshprobe.features.run.features`."""
+    from meshprobe.checks import check_out_path
+    from meshprobe.features.crosscoder import check_sizes, load_crosscoder
+    from meshprobe.features.inputs import load_model
+    from meshprobe.features.run import DEFAULT_EXPANSION, DEFAULT_K, check_crosscoder, features
+    from meshprobe.features.sources import source_spec
+
+    paths = [Path(m) for m in models]
+    if load is not None and len(paths) != 1:
+        raise UserError(f"load={load} takes one model, got {len(paths)}")
+    check_out_path(out, inputs=tuple(paths))
+    labels = _names(paths, names)
+    loaded = []
+    for p in paths:
+        model = load_model(p, trust_remote_code=trust_remote_code)
+        spec = source_spec(model, emb=options.get("emb", False), out=options.get("out_state", False),
+                           slots=options.get("slots", True))
+        if load is not None:
+            check_crosscoder(load_crosscoder(load), spec, int(model.cfg.d_model), f"load={load}")
+        else:
+            n = options.get("n_features") or DEFAULT_EXPANSION * int(model.cfg.d_model)
+            check_sizes(n, options.get("k") or DEFAULT_K)
+        loaded.append(model)
+    results, ccs = [], []
+    for p, label, model in zip(paths, labels, loaded):
+        r, cc = features(model, path=p, name=label, load=load, **{k: v for k, v in options.items() if v is not None})
+        results.append(r)
+        ccs.append(None if load is not None else cc)
+    return write_features(out, results, ccs, plot=plot)
