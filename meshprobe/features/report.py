@@ -137,27 +137,49 @@ def run_features(models: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     from meshprobe.features.crosscoder import check_sizes, load_crosscoder
     from meshprobe.features.inputs import load_model
     from meshprobe.features.run import DEFAULT_EXPANSION, DEFAULT_K, check_crosscoder, features
-    from meshprobe.features.sources import source_spec
 
     paths = [Path(m) for m in models]
     if load is not None and len(paths) != 1:
         raise UserError(f"load={load} takes one model, got {len(paths)}")
-    check_out_path(out, inputs=tuple(paths))
+    if load is None and options.get("n_features") is not None:
+        check_sizes(options["n_features"], options.get("k") or DEFAULT_K)
+    check_out_path(out, inputs=tuple(paths), input_kind="model")
     labels = _names(paths, names)
-    loaded = []
-    for p in paths:
-        model = load_model(p, trust_remote_code=trust_remote_code)
-        spec = source_spec(model, emb=options.get("emb", False), out=options.get("out_state", False),
-                           slots=options.get("slots", True))
-        if load is not None:
-            check_crosscoder(load_crosscoder(load), spec, int(model.cfg.d_model), f"load={load}")
-        else:
-            n = options.get("n_features") or DEFAULT_EXPANSION * int(model.cfg.d_model)
-            check_sizes(n, options.get("k") or DEFAULT_K)
-        loaded.append(model)
+    cc = load_crosscoder(load) if load is not None else None
+    specs = []
+    for p in paths:  # a checkpoint's from its config alone
+        try:
+            specs.append(_spec_of(p, trust_remote_code, options))
+        except UserError as exc:
+            raise UserError(str(exc) if str(p) in str(exc) else f"{p}: {exc}") from None
+    for p, (spec, d) in zip(paths, specs):
+        if cc is not None:
+            check_crosscoder(cc, spec, d, f"load={load}")
+        elif options.get("n_features") is None:
+            check_sizes(DEFAULT_EXPANSION * d, options.get("k") or DEFAULT_K)
     results, ccs = [], []
-    for p, label, model in zip(paths, labels, loaded):
+    for p, label in zip(paths, labels):
+        model = load_model(p, trust_remote_code=trust_remote_code)
         r, cc = features(model, path=p, name=label, load=load, **{k: v for k, v in options.items() if v is not None})
         results.append(r)
         ccs.append(None if load is not None else cc)
+        del model
     return write_features(out, results, ccs, plot=plot)
+
+
+def _spec_of(path: Path, trust_remote_code: bool, options: dict):
+    """(SourceSpec, d_model) of a model folder, checked before any training: a meshprobe checkpoint's from its
+    config (nothing loaded), a transformers directory's from the loaded model."""
+    from meshprobe.features.inputs import load_model
+    from meshprobe.features.sources import source_spec
+    from meshprobe.hf.loader import is_hf_dir
+
+    kw = dict(emb=options.get("emb", False), out=options.get("out_state", False), slots=options.get("slots", True))
+    if is_hf_dir(path) or not path.is_dir():
+        model = load_model(path, trust_remote_code=trust_remote_code)
+        return source_spec(model, **kw), int(model.cfg.d_model)
+    from meshprobe.checkpoint import read_checkpoint_config
+    from meshprobe.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(read_checkpoint_config(path)["model"])
+    return source_spec(cfg, **kw), int(cfg.d_model)

@@ -44,12 +44,13 @@ class SourceSpec:
 
 
 def source_spec(model, emb: bool = False, out: bool = False, slots: bool = True) -> SourceSpec:
-    """The sources of a looped model (a meshprobe model or a wrapped transformers one): h^(0) ... h^(K), with
-    ``emb`` h_emb first, with ``out`` h_out after them, with ``slots`` the MeSH memory slots last."""
-    cfg = model.cfg
+    """The sources of a looped model (a meshprobe model or a wrapped transformers one, or a meshprobe
+    ``ModelConfig``): h^(0) ... h^(K), with ``emb`` h_emb first, with ``out`` h_out after them, with ``slots``
+    the MeSH memory slots last."""
+    cfg = getattr(model, "cfg", model)
     K = 0 if getattr(cfg, "is_vanilla", False) else int(getattr(cfg, "n_loops", 0) or 0)
     if K < 1:
-        raise UserError(f"model {getattr(cfg, 'layout', '')} has no loop: a loop crosscoder needs loop states "
+        raise UserError(f"the model (layout {getattr(cfg, 'layout', '?')!r}) has no loop: a loop crosscoder needs loop states "
                         "h^(0..K) (train or load a recursive model)")
     states = recursive_state_hooks(K)
     rows = [(n, h, None, "loop") for n, h in states[1:-1]]
@@ -61,7 +62,8 @@ def source_spec(model, emb: bool = False, out: bool = False, slots: bool = True)
     if slots and steps:
         hook = f"{steps[-1][1]}.hook_memory"
         rows += [(f"slot {b + 1}", hook, b, "slot") for b in range(int(cfg.mesh_slots))]
-    missing = sorted({h for _, h, _, _ in rows} - set(model.hook_dict))
+    missing = sorted({h for _, h, _, _ in rows} - set(getattr(model, "hook_dict", None) or
+                                                      {h for _, h, _, _ in rows}))
     if missing:
         raise UserError(f"the model has no hooks {missing[:3]}: not a looped model meshprobe can read")
     names, hooks, slot_ids, kinds = (list(c) for c in zip(*rows))
