@@ -134,19 +134,19 @@ def test_shuffle_buffer_emits_each_row_once_with_bounded_memory():
 
 @pytest.mark.slow
 def test_streaming_training_memory_is_flat_in_n(tmp_path):
-    """Training from a stream of 8x more rows (1.3 GB if held at once) raises peak RSS by far less than that."""
+    """Training from a stream of 11x more rows (200 MB more if held at once) raises peak RSS by far less."""
     script = (
         "import resource, sys, torch\n"
         "from meshprobe.features import train_crosscoder, shuffled\n"
         "n = int(sys.argv[1]); torch.manual_seed(0)\n"
-        "chunks = (torch.randn(2048, 8, 256) for _ in range(n))\n"
-        "train_crosscoder(shuffled(chunks, 8192, 1024), 64, 4, lr=1e-3)\n"
+        "chunks = (torch.randn(512, 8, 128) for _ in range(n))\n"
+        "train_crosscoder(shuffled(chunks, 2048, 512), 32, 4, lr=1e-3)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     peak = [int(subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True, env=env,
-                               check=True).stdout.split()[-1]) for n in (10, 80)]
-    rows_mib = 70 * 2048 * 8 * 256 * 4 / 2**20  # what the 70 extra chunks would hold
-    assert peak[1] - peak[0] < 0.1 * rows_mib, (peak, rows_mib)
+                               check=True).stdout.split()[-1]) for n in (10, 110)]
+    rows_mib = 100 * 512 * 8 * 128 * 4 / 2**20  # what the 100 extra chunks would hold
+    assert peak[1] - peak[0] < 0.15 * rows_mib, (peak, rows_mib)
 
 
 def test_save_and_load_round_trip(tmp_path, trained, planted):
