@@ -52,6 +52,9 @@ SIZES = [
     (r"^python benchmarks/train_throughput\.py", "--steps 1 --warmup 0 --repeats 1 --batch 2 --seq 32"),
     (r"^python benchmarks/mesh_cost\.py", "--turns 2 --batch 2 --seq 32"),
     (r"^python benchmarks/analyze\.py", "--ns 6 --no-probes"),
+    (r"^meshprobe features .*--load", "--samples 4 --causal 1 --quiet"),
+    (r"^meshprobe features ", "--samples 4 --epochs 1 --features 32 --k 4 --causal 1 --quiet"),
+    (r"^python benchmarks/features\.py", "--sequences 4 --steps 2 --repeats 1 --batch 128 --out {out}/features.json"),
 ]
 
 
