@@ -79,12 +79,28 @@ def _model_section(r: dict) -> list[str]:
     return lines + _top_lines(r)
 
 
+def summary_table(results: Sequence[dict]) -> list[str]:
+    """One row per model: fit, sparsity and the shares that answer the paper."""
+    lines = ["| model | FVU | L0 | dead | persistent | step-specific | transient | slot-only | flatness | in a slot "
+             "| slot mass | LS flags |", "|---|" + "---:|" * 11]
+    for r in results:
+        s = r["summary"]
+        lines.append(f"| {r['name']} | {r['fvu_total']:.3f} | {r['l0']:.1f} | {r['dead_fraction']:.2f} | "
+                     f"{_f(s['persistent_share'], 2)} | {_f(s['step_specific_share'], 2)} | "
+                     f"{_f(s['transient_share'], 2)} | {_f(s['slot_only_share'], 2)} | {_f(s['flatness'], 2)} | "
+                     f"{_f(s['slot_share'], 2)} | {_f(s['slot_mass'], 2)} | {r['artefact_share']:.2f} |")
+    return lines + [""]
+
+
 def render_features(results: Sequence[dict]) -> str:
     """The report.md section of a list of model reports."""
     lines = ["## Features across loop steps", "",
              "One loop crosscoder per model (`meshprobe features`): a sparse dictionary read from every loop "
              "state h^(0..K) (and MeSH's memory slots), one decoder per source. Classes from each feature's "
-             "profile (present where its decoder norm is >= 0.2 of its largest).", ""]
+             "profile (present where its decoder norm is >= 0.2 of its largest); shares of live features; "
+             "flatness = mean min / max of the profile over the loop states; LS flags = share flagged by Latent "
+             "Scaling.", ""]
+    lines += summary_table(results)
     for r in results:
         lines += _model_section(r)
     return "\n".join(lines) + "\n"
