@@ -295,4 +295,5 @@ def test_cli_on_a_transformers_looped_directory_and_a_task_checkpoint(tmp_path):
     t = _cli(REPO / "checkpoints/tasks/phop2-base", "--out", tmp_path / "task", *SMALL)
     assert t.returncode == 0, t.stderr
     m = json.loads((tmp_path / "task" / "features.json").read_text())["models"][0]
-    assert m["task"]["name"] == "phop" and len(m["features"][0]["hop_purity"]) == 2
+    assert m["task"]["name"] == "phop" and len(m["features"][0]["hop_purity"]) == 3  # input symbol, hop 1, hop 2
+    assert set(m["hop_features"]) == {"input", "hop 1", "hop 2"}

@@ -71,7 +71,8 @@ def _model_section(r: dict) -> list[str]:
               "| source | " + " | ".join(r["fvu"]) + " |", "|---|" + "---:|" * len(r["fvu"]),
               "| FVU | " + " | ".join(f"{v:.3f}" for v in r["fvu"].values()) + " |", ""]
     if r.get("hop_features"):
-        lines += ["Features that follow one hop's latent (purity >= 0.5), by birth state:", ""]
+        lines += ["Features that follow the input symbol or one hop's latent (purity >= 0.5: at least half of the "
+                  "feature's activation on one value of it), by birth state:", ""]
         lines += [f"- {hop}: " + ", ".join(f"{n} {c}" for n, c in by.items()) for hop, by in r["hop_features"].items()]
         lines.append("")
     if r.get("causal"):

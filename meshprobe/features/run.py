@@ -76,17 +76,23 @@ def _feature_rows(cc, spec, inp, res, life, top_contexts: int) -> list[dict]:
         if res["hop_purity"] is not None:
             purity = res["hop_purity"][f]
             row["hop_purity"] = [round(float(v), 4) for v in purity]
-            row["hop"] = int(purity.argmax()) + 1 if float(purity.max()) >= 0.5 else None
+            row["hop"] = int(purity.argmax()) if float(purity.max()) >= 0.5 else None  # 0 = the input symbol
         rows.append(row)
     return rows
 
 
 def _stats(model, cc, spec, inp, skip_first: int, model_batch: int) -> dict:
+    """FeatureStats over every row; for a task, the latents are (the input symbol, hop 1, ..., hop p) per row,
+    the input symbol as the control (a feature that follows the token itself, not a hop)."""
     hops = int(inp.latents.shape[1]) if inp.latents is not None else 0
     symbols = int(inp.task["symbols"]) if inp.task else 0
-    acc = FeatureStats(cc, hops=hops, symbols=symbols)
+    acc = FeatureStats(cc, hops=hops + 1 if hops else 0, symbols=symbols)
     for acts, where in iter_rows(model, inp.tokens, spec, model_batch, skip_first):
-        lat = inp.latents[where[:, 0], :, where[:, 1]] if hops else None
+        lat = None
+        if hops:
+            tok = inp.tokens[where[:, 0], where[:, 1]]
+            tok = torch.where(tok < symbols, tok, torch.full_like(tok, -1))  # the prefix is no symbol
+            lat = torch.cat([tok[:, None], inp.latents[where[:, 0], :, where[:, 1]]], dim=1)
         acc.update(acts, where, lat)
     return acc.result()
 
@@ -109,8 +115,9 @@ def report_model(model, cc: LoopCrosscoder, spec: SourceSpec, inp: ModelInput, *
            "classes": {c: sum(r["class"] == c for r in feats) for c in dict.fromkeys(life["class"])},
            "births": {n: sum(r["birth"] == n for r in live) for n in spec.loop_names}}
     if res["hop_purity"] is not None:
-        out["hop_features"] = {f"hop {j + 1}": {n: sum(r.get("hop") == j + 1 and r["birth"] == n for r in live)
-                                                for n in spec.loop_names} for j in range(res["hop_purity"].shape[1])}
+        out["hop_features"] = {(f"hop {j}" if j else "input"): {n: sum(r.get("hop") == j and r["birth"] == n
+                                                                          for r in live) for n in spec.loop_names}
+                               for j in range(res["hop_purity"].shape[1])}
     picked = _pick_causal(res, causal)
     if picked:
         n = min(causal_samples, inp.tokens.shape[0])
