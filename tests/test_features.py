@@ -11,8 +11,8 @@ import torch
 
 from conftest import random_model, random_tokens, tiny_cfg
 from meshprobe.errors import UserError
-from meshprobe.features import (FeatureStats, LoopCrosscoder, lifetimes, load_crosscoder, planted_features, shuffled,
-                                source_spec, summary, train_crosscoder)
+from meshprobe.features import (FeatureStats, LoopCrosscoder, lifetimes, load_crosscoder, planted_features, recovery,
+                                shuffled, source_spec, summary, train_crosscoder)
 from meshprobe.features.causal import ablation_effects
 from meshprobe.features.sources import iter_rows
 
@@ -41,9 +41,12 @@ def test_planted_features_recovered_with_exact_spans(planted, trained):
     assert sorted(set(planted.scales.tolist())) == [0.25, 1.0, 4.0]  # sources 16x apart
     cos, idx = _match(trained, planted)
     life = lifetimes(trained.profile()[idx])
+    rec = recovery(trained, planted)
+    assert rec["match"] == idx.tolist()
     exact = [bool(cos[j] >= 0.9) and life["birth"][j] == int(planted.births[j]) and
              life["death"][j] == int(planted.deaths[j]) for j in range(len(cos))]
     assert sum(exact) >= 0.9 * len(exact), (cos, life, planted.births, planted.deaths)
+    assert rec["recovered"] == sum(exact) / len(exact)
     # every lifetime kind is among the planted ones, and the recovered classes follow the spans
     spans = (planted.deaths - planted.births).tolist()
     classes = [life["class"][j] for j in range(len(cos)) if exact[j]]

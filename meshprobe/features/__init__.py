@@ -15,12 +15,12 @@
 """
 from meshprobe.features.crosscoder import LoopCrosscoder, load_crosscoder
 from meshprobe.features.lifetimes import CLASSES, lifetimes, summary
-from meshprobe.features.planted import planted_features
+from meshprobe.features.planted import planted_features, recovery
 from meshprobe.features.run import features
 from meshprobe.features.sources import SourceSpec, iter_rows, model_batches, shuffled, source_spec
 from meshprobe.features.stats import FeatureStats
 from meshprobe.features.train import train_crosscoder
 
 __all__ = ["CLASSES", "FeatureStats", "LoopCrosscoder", "SourceSpec", "features", "iter_rows", "lifetimes",
-           "load_crosscoder",
-           "model_batches", "planted_features", "shuffled", "source_spec", "summary", "train_crosscoder"]
+           "load_crosscoder", "model_batches", "planted_features", "recovery", "shuffled", "source_spec", "summary",
+           "train_crosscoder"]

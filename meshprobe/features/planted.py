@@ -72,3 +72,21 @@ def planted_features(n_rows: int = 8192, n_sources: int = 5, d: int = 32, n_true
     acts = torch.einsum("nj,jsd->nsd", codes, directions)
     acts += noise * scales[None, :, None] * torch.randn(n_rows, S, d, generator=g)
     return Planted(acts, directions, births, deaths, codes, scales)
+
+
+def recovery(cc, planted: Planted, min_cos: float = 0.9) -> dict:
+    """How well a crosscoder found planted features: for each planted feature the learned one with the highest
+    cosine of the whole decoder (every source, in the crosscoder's normalised space), and whether its
+    birth..death span (:func:`~meshprobe.features.lifetimes.lifetimes`) is the planted one. Returns
+    ``{"cosine": [n_true], "match": [n_true], "span_exact": [n_true] bool, "recovered": share with cosine >=
+    min_cos and the exact span}``."""
+    from meshprobe.features.lifetimes import lifetimes
+
+    norm = torch.nn.functional.normalize
+    true = norm((planted.directions * cc.scale[None, :, None]).flatten(1), dim=1)
+    cos, idx = (true @ norm(cc.W_dec.detach().flatten(1), dim=1).T).max(1)
+    life = lifetimes(cc.profile()[idx])
+    exact = [life["birth"][j] == int(planted.births[j]) and life["death"][j] == int(planted.deaths[j])
+             for j in range(len(cos))]
+    good = [bool(c >= min_cos) and e for c, e in zip(cos, exact)]
+    return {"cosine": cos.tolist(), "match": idx.tolist(), "span_exact": exact, "recovered": sum(good) / len(good)}
