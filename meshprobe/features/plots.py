@@ -47,6 +47,7 @@ def plot_profiles(result: dict, out_dir: str | os.PathLike, stem: str = "profile
     with style():
         fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(sources), 4.5))
         im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+        ax.grid(False)
         ax.set_xticks(range(len(sources)), sources, rotation=60)
         ax.set_ylabel(f"{len(order)} live features (sorted by birth, death)")
         ax.set_title(f"{result['name']}: decoder norm per source / its max", fontsize=9)

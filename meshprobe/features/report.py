@@ -29,6 +29,12 @@ def _f(x, nd: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+def mean_profile(r: dict) -> list[float]:
+    """Per source, the mean over live features of the profile divided by the feature's largest value."""
+    rows = [[v / max(max(f["profile"]), 1e-12) for v in f["profile"]] for f in r["features"] if f["class"] != "dead"]
+    return [sum(col) / max(1, len(rows)) for col in zip(*rows)] if rows else [0.0] * len(r["sources"])
+
+
 def _causal_lines(c: dict) -> list[str]:
     lines = [f"Causal check (ablating the feature's decoder contribution at one state, {len(c['features'])} "
              f"features with the most activation mass; clean loss {c['clean_loss']:.3f}): change in loss / in "
@@ -38,6 +44,10 @@ def _causal_lines(c: dict) -> list[str]:
     for i, f in enumerate(c["features"]):
         cells = [f"{dl:+.4f} / {dg:+.3f}" for dl, dg in zip(c["d_loss"][i], c["d_logit"][i])]
         lines.append(f"| {f} | {c['class'][i]} | {c['birth'][i]} | " + " | ".join(cells) + " |")
+    n = max(1, len(c["features"]))
+    means = [(sum(row[j] for row in c["d_loss"]) / n, sum(row[j] for row in c["d_logit"]) / n)
+             for j in range(len(c["sources"]))]
+    lines.append("| mean | | | " + " | ".join(f"{dl:+.4f} / {dg:+.3f}" for dl, dg in means) + " |")
     return lines + [""]
 
 
@@ -69,7 +79,8 @@ def _model_section(r: dict) -> list[str]:
     lines += [f"Latent Scaling flags {r['artefact_share']:.1%} of live features (a source where the profile is "
               "~0 but the data still carries the feature).", "",
               "| source | " + " | ".join(r["fvu"]) + " |", "|---|" + "---:|" * len(r["fvu"]),
-              "| FVU | " + " | ".join(f"{v:.3f}" for v in r["fvu"].values()) + " |", ""]
+              "| FVU | " + " | ".join(f"{v:.3f}" for v in r["fvu"].values()) + " |",
+              "| mean profile / max | " + " | ".join(f"{v:.3f}" for v in mean_profile(r)) + " |", ""]
     if r.get("hop_features"):
         lines += ["Features that follow the input symbol or one hop's latent (purity >= 0.5: at least half of the "
                   "feature's activation on one value of it), by birth state:", ""]
