@@ -248,16 +248,47 @@ def _cli(*args, cwd=None):
 SMALL = ["--samples", "6", "--epochs", "1", "--features", "64", "--k", "4", "--causal", "1", "--quiet"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["checkpoints/loop3-vanilla"], "has no loop"),
-    (["checkpoints/loop3-mesh", "--features", "32", "--k", "32"], "--k 32 must be at least 1 and below --features 32"),
-])
-def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
-    out = tmp_path / "new" / "out"
-    r = _cli(REPO / args[0], "--out", out, *args[1:])
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+_NO_TORCH = """
+import sys
+from meshprobe.cli import main
+for argv in {cases!r}:
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 2, (argv, rc)
+print(sorted(m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules))
+"""
+
+
+def test_cli_bad_input_one_line_exit_2_nothing_written_before_torch(tmp_path):
+    """A model without loops, k >= features, a saved dictionary of another model, a missing model: one line
+    each, exit 2, nothing written, and torch never imported."""
+    saved = tmp_path / "cc"
+    LoopCrosscoder(10, 128, 16, 4, source_names=[f"h^({t})" for t in range(4)] + [f"slot {b}" for b in range(1, 7)]
+                   ).save(saved)
+    out = str(tmp_path / "new" / "out")
+    ckpt = REPO / "checkpoints"
+    cases = [["features", str(ckpt / "loop3-vanilla"), "--out", out],
+             ["features", str(ckpt / "loop3-mesh"), "--out", out, "--features", "32", "--k", "32"],
+             ["features", str(ckpt / "loop3-base"), "--out", out, "--k", "512"],
+             ["features", str(ckpt / "loop3-base"), "--out", out, "--load", str(saved)],
+             ["features", str(tmp_path / "nope"), "--out", out]]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(cases=cases)], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == len(cases), lines
+    for line, want in zip(lines, ["has no loop", "--k 32 must be at least 1 and below --features 32",
+                                  "--k 512 must be at least 1 and below --features 512",
+                                  "the crosscoder reads 10 sources", "model not found"]):
+        assert line.startswith("meshprobe features: error: ") and want in line, line
     assert not (tmp_path / "new").exists()
+    # the same sizes through the library
+    with pytest.raises(UserError, match="k=8 must be"):
+        train_crosscoder(torch.randn(16, 2, 4), 8, 8)
 
 
 @pytest.mark.slow

@@ -71,12 +71,14 @@ def _validate(args) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from meshprobe import _io
-    from meshprobe.checks import check_out_path
-    from meshprobe.features.report import run_features
+    from meshprobe.features.report import check_inputs, run_features
     from meshprobe.runtime import torch_threads
 
     _validate(args)
-    check_out_path(args.out, inputs=tuple(args.models), input_kind="model")
+    options = dict(n_features=args.n_features, k=args.k, emb=args.emb, out_state=args.out_state,
+                   slots=not args.no_slots)
+    check_inputs(args.models, args.out, load=args.load, names=args.names, trust_remote_code=args.trust_remote_code,
+                 **options)  # before torch loads
     real = _io.real_path(Path(args.out))
     with _io.created_parents(real), _io.out_lock(real, "features"), torch_threads(args.threads or None):
         for kind, _, _, folder in _io.leftovers(real):  # staging folders of killed runs (we hold the lock)
@@ -84,9 +86,8 @@ def run(args: argparse.Namespace) -> int:
                 _io.remove_dir(folder)
         moved = run_features(
             args.models, real, load=args.load, names=args.names, trust_remote_code=args.trust_remote_code,
-            n_features=args.n_features, k=args.k, tokens=args.tokens, samples=args.samples, seq_len=args.seq_len,
-            data=args.data, emb=args.emb, out_state=args.out_state, slots=not args.no_slots, seed=args.seed,
+            tokens=args.tokens, samples=args.samples, seq_len=args.seq_len, data=args.data, seed=args.seed,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, causal=args.causal,
-            progress=not args.quiet)
+            progress=not args.quiet, **options)
     print(f"meshprobe features: wrote {len(moved)} files to {args.out} (features.json, report.md, figures)")
     return 0

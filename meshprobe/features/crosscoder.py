@@ -37,11 +37,11 @@ import torch.nn as nn
 
 from meshprobe import _io
 from meshprobe.errors import UserError
+from meshprobe.features.checks import CONFIG_FILE, METHODS, check_sizes
 
 __all__ = ["LoopCrosscoder", "train_crosscoder", "load_crosscoder", "check_sizes", "METHODS"]
 
-METHODS = ("batchtopk", "l1")
-WEIGHTS_FILE, CONFIG_FILE = "crosscoder.safetensors", "crosscoder.json"
+WEIGHTS_FILE = "crosscoder.safetensors"
 FORMAT = "meshprobe-crosscoder"
 
 
@@ -167,16 +167,6 @@ def load_crosscoder(path: str | os.PathLike) -> LoopCrosscoder:
     except (KeyError, TypeError, RuntimeError, SafetensorError, OSError) as exc:
         raise UserError(f"{path}: damaged crosscoder ({str(exc).splitlines()[0]})") from None
     return cc.eval()
-
-
-def check_sizes(n_features: int, k: int, method: str = "batchtopk") -> None:
-    """UserError unless 1 <= k < n_features and the method is known (before any work)."""
-    if method not in METHODS:
-        raise UserError(f"method={method!r} is not one of {', '.join(METHODS)}")
-    if int(n_features) < 2:
-        raise UserError(f"n_features={n_features} must be at least 2")
-    if not 1 <= int(k) < int(n_features):
-        raise UserError(f"k={k} must be at least 1 and below n_features={n_features}")
 
 
 def _as_rows(acts, S: int | None = None, d: int | None = None) -> torch.Tensor:

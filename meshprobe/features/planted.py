@@ -77,10 +77,10 @@ def planted_features(n_rows: int = 8192, n_sources: int = 5, d: int = 32, n_true
 def recovery(cc, planted: Planted, min_cos: float = 0.9) -> dict:
     """How well a crosscoder found planted features: for each planted feature the learned one with the highest
     cosine of the whole decoder (every source, in the crosscoder's normalised space), and whether its
-    birth..death span (:func:`~meshprobe.features.lifetimes.lifetimes`) is the planted one. Returns
+    birth..death span (:func:`~meshprobe.features.classes.lifetimes`) is the planted one. Returns
     ``{"cosine": [n_true], "match": [n_true], "span_exact": [n_true] bool, "recovered": share with cosine >=
     min_cos and the exact span}``."""
-    from meshprobe.features.lifetimes import lifetimes
+    from meshprobe.features.classes import lifetimes
 
     norm = torch.nn.functional.normalize
     true = norm((planted.directions * cc.scale[None, :, None]).flatten(1), dim=1)

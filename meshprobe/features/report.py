@@ -14,13 +14,15 @@ rename per file, features.json last.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from meshprobe import _io
 from meshprobe.errors import UserError
+from meshprobe.features.checks import DEFAULT_EXPANSION, DEFAULT_K
 
-__all__ = ["render_features", "run_features", "write_features"]
+__all__ = ["check_inputs", "render_features", "run_features", "write_features"]
 
 FORMAT = "meshprobe-features"
 
@@ -150,64 +152,68 @@ def write_features(out: str | os.PathLike, results: Sequence[dict], crosscoders:
 
 
 def _names(paths: Sequence[Path], names: str | None) -> list[str]:
-    from meshprobe.analysis.pipeline.checkpoints import display_names, safe_name
+    """One folder-safe display name per model: the comma-separated ``names``, else the folder names made
+    distinct (as `meshprobe analyze` names them; written here because its module imports torch)."""
+    def safe(name: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "model"
 
-    return [safe_name(n) for n in display_names(names, list(paths))]
+    if names is not None:
+        out = [n.strip() for n in names.split(",")]
+        if len(out) != len(paths) or any(not n for n in out) or len({safe(n) for n in out}) != len(out):
+            raise UserError(f"names= needs {len(paths)} distinct non-empty comma-separated names, got {names!r}")
+        return [safe(n) for n in out]
+    out, seen = [], {}
+    for p in paths:
+        base = safe(p.resolve().name or "model")
+        seen[base] = seen.get(base, 0) + 1
+        out.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return out
+
+
+def check_inputs(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, load=None, names=None,
+                 n_features: int | None = None, k: int | None = None, emb: bool = False, out_state: bool = False,
+                 slots: bool = True, trust_remote_code: bool = False) -> list[str]:
+    """Every check of `meshprobe features` that needs no torch, before anything loads or is written: the output
+    folder, each model folder's config and sources, the sizes, a saved crosscoder's JSON against the sources.
+    Returns the display names."""
+    from meshprobe.checks import check_out_path
+    from meshprobe.features.checks import check_saved, check_sizes, model_sources
+
+    paths = [Path(m) for m in models]
+    if load is not None and len(paths) != 1:
+        raise UserError(f"load={load} takes one model, got {len(paths)}")
+    if load is None and n_features is not None:
+        check_sizes(n_features, k or DEFAULT_K)
+    check_out_path(out, inputs=tuple(paths), input_kind="model")
+    labels = _names(paths, names)
+    for p in paths:
+        try:
+            found, d = model_sources(p, trust_remote_code=trust_remote_code, emb=emb, out=out_state, slots=slots)
+        except UserError as exc:
+            raise UserError(str(exc) if str(p) in str(exc) else f"{p}: {exc}") from None
+        if load is not None:
+            check_saved(load, found, d, f"load={load}")
+        elif n_features is None and d is not None:
+            check_sizes(DEFAULT_EXPANSION * d, k or DEFAULT_K)
+    return labels
 
 
 def run_features(models: Sequence[str | os.PathLike], out: str | os.PathLike, *, load: str | None = None,
                  names: str | None = None, trust_remote_code: bool = False, plot: bool = True, **options
                  ) -> list[Path]:
-    """`meshprobe features`: every model loaded and checked (sources, a loaded crosscoder against them, sizes,
-    the output folder) before any training or write; then each model's crosscoder and report; then the files.
-    ``options`` go to :func:`~meshprobe.features.run.features`."""
-    from meshprobe.checks import check_out_path
-    from meshprobe.features.crosscoder import check_sizes, load_crosscoder
+    """`meshprobe features`: :func:`check_inputs` first; then each model's crosscoder (trained, or loaded and
+    checked against the loaded model) and report; then the files. ``options`` go to
+    :func:`~meshprobe.features.run.features`."""
+    labels = check_inputs(models, out, load=load, names=names, trust_remote_code=trust_remote_code,
+                          **{k: options[k] for k in ("n_features", "k", "emb", "out_state", "slots") if k in options})
     from meshprobe.features.inputs import load_model
-    from meshprobe.features.run import DEFAULT_EXPANSION, DEFAULT_K, check_crosscoder, features
+    from meshprobe.features.run import features
 
-    paths = [Path(m) for m in models]
-    if load is not None and len(paths) != 1:
-        raise UserError(f"load={load} takes one model, got {len(paths)}")
-    if load is None and options.get("n_features") is not None:
-        check_sizes(options["n_features"], options.get("k") or DEFAULT_K)
-    check_out_path(out, inputs=tuple(paths), input_kind="model")
-    labels = _names(paths, names)
-    cc = load_crosscoder(load) if load is not None else None
-    specs = []
-    for p in paths:  # a checkpoint's from its config alone
-        try:
-            specs.append(_spec_of(p, trust_remote_code, options))
-        except UserError as exc:
-            raise UserError(str(exc) if str(p) in str(exc) else f"{p}: {exc}") from None
-    for p, (spec, d) in zip(paths, specs):
-        if cc is not None:
-            check_crosscoder(cc, spec, d, f"load={load}")
-        elif options.get("n_features") is None:
-            check_sizes(DEFAULT_EXPANSION * d, options.get("k") or DEFAULT_K)
     results, ccs = [], []
-    for p, label in zip(paths, labels):
+    for p, label in zip(models, labels):
         model = load_model(p, trust_remote_code=trust_remote_code)
         r, cc = features(model, path=p, name=label, load=load, **{k: v for k, v in options.items() if v is not None})
         results.append(r)
         ccs.append(None if load is not None else cc)
         del model
     return write_features(out, results, ccs, plot=plot)
-
-
-def _spec_of(path: Path, trust_remote_code: bool, options: dict):
-    """(SourceSpec, d_model) of a model folder, checked before any training: a meshprobe checkpoint's from its
-    config (nothing loaded), a transformers directory's from the loaded model."""
-    from meshprobe.features.inputs import load_model
-    from meshprobe.features.sources import source_spec
-    from meshprobe.hf.loader import is_hf_dir
-
-    kw = dict(emb=options.get("emb", False), out=options.get("out_state", False), slots=options.get("slots", True))
-    if is_hf_dir(path) or not path.is_dir():
-        model = load_model(path, trust_remote_code=trust_remote_code)
-        return source_spec(model, **kw), int(model.cfg.d_model)
-    from meshprobe.checkpoint import read_checkpoint_config
-    from meshprobe.config import ModelConfig
-
-    cfg = ModelConfig.from_dict(read_checkpoint_config(path)["model"])
-    return source_spec(cfg, **kw), int(cfg.d_model)

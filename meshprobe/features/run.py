@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 
 from meshprobe.errors import UserError
-from meshprobe.features.crosscoder import LoopCrosscoder, check_sizes, load_crosscoder
+from meshprobe.features.checks import DEFAULT_EXPANSION, DEFAULT_K, check_sizes
+from meshprobe.features.crosscoder import LoopCrosscoder, load_crosscoder
 from meshprobe.features.inputs import ModelInput, context_text, load_model, model_input
-from meshprobe.features.lifetimes import lifetimes, summary
+from meshprobe.features.classes import lifetimes, summary
 from meshprobe.features.sources import SourceSpec, iter_rows, model_batches, source_spec
 from meshprobe.features.stats import FeatureStats
 from meshprobe.features.train import train_crosscoder
 
 __all__ = ["features", "check_crosscoder", "train_on_model", "report_model", "DEFAULT_K"]
 
-DEFAULT_K, DEFAULT_EXPANSION = 16, 4
 
 
 def check_crosscoder(cc: LoopCrosscoder, spec: SourceSpec, d: int, where: str = "load") -> None:
@@ -100,7 +100,7 @@ def _stats(model, cc, spec, inp, skip_first: int, model_batch: int) -> dict:
 def report_model(model, cc: LoopCrosscoder, spec: SourceSpec, inp: ModelInput, *, causal: int = 8,
                  top_contexts: int = 5, skip_first: int = 1, model_batch: int = 8, causal_samples: int = 32) -> dict:
     """Everything features.json says about one model's crosscoder (module docstring of
-    :mod:`meshprobe.features.lifetimes` for the classes, :mod:`~meshprobe.features.stats` for the rest)."""
+    :mod:`meshprobe.features.classes` for the classes, :mod:`~meshprobe.features.stats` for the rest)."""
     from meshprobe.features.causal import ablation_effects
 
     res = _stats(model, cc, spec, inp, skip_first, model_batch)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from meshprobe.errors import UserError
+from meshprobe.features.checks import _no_loop, source_names
 from meshprobe.hooks import mesh_steps, recursive_state_hooks
 
 __all__ = ["SourceSpec", "source_spec", "iter_rows", "shuffled", "model_batches"]
@@ -50,18 +51,13 @@ def source_spec(model, emb: bool = False, out: bool = False, slots: bool = True)
     cfg = getattr(model, "cfg", model)
     K = 0 if getattr(cfg, "is_vanilla", False) else int(getattr(cfg, "n_loops", 0) or 0)
     if K < 1:
-        raise UserError(f"the model (layout {getattr(cfg, 'layout', '?')!r}) has no loop: a loop crosscoder needs loop states "
-                        "h^(0..K) (train or load a recursive model)")
-    states = recursive_state_hooks(K)
-    rows = [(n, h, None, "loop") for n, h in states[1:-1]]
-    if emb:
-        rows = [("h_emb", states[0][1], None, "emb")] + rows
-    if out:
-        rows.append(("h_out", states[-1][1], None, "out"))
+        raise _no_loop(getattr(cfg, "layout", "?"))
     steps = [] if getattr(cfg, "is_hf", False) else mesh_steps(cfg)
-    if slots and steps:
-        hook = f"{steps[-1][1]}.hook_memory"
-        rows += [(f"slot {b + 1}", hook, b, "slot") for b in range(int(cfg.mesh_slots))]
+    names, kinds = source_names(K, int(cfg.mesh_slots or 0) if steps else 0, emb, out, slots)
+    state_hook = dict(recursive_state_hooks(K))
+    memory = f"{steps[-1][1]}.hook_memory" if steps else None
+    rows = [(n, memory if k == "slot" else state_hook[n], int(n.split()[1]) - 1 if k == "slot" else None, k)
+            for n, k in zip(names, kinds)]
     missing = sorted({h for _, h, _, _ in rows} - set(getattr(model, "hook_dict", None) or
                                                       {h for _, h, _, _ in rows}))
     if missing:

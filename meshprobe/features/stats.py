@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from meshprobe.features.crosscoder import LoopCrosscoder
-from meshprobe.features.lifetimes import DEFAULT_THRESHOLD, present
+from meshprobe.features.classes import DEFAULT_THRESHOLD, present
 
 __all__ = ["FeatureStats", "scaling_directions"]
 
