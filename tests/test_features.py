@@ -99,6 +99,19 @@ def test_l1_shrinks_the_weak_source_and_latent_scaling_flags_it():
     assert l1[2] < 2 * btk[2]  # at comparable sparsity
 
 
+@pytest.mark.slow
+def test_auxk_revives_dead_features(planted):
+    """Features silent for dead_after rows are trained on the residual error (AuxK): fewer dead features, a
+    better fit and more planted features found than with the auxiliary loss off."""
+    runs = {}
+    for aux in (0.0, 1 / 32):
+        cc = train_crosscoder(planted.acts, 32, 3, seed=0, aux_coef=aux, dead_after=1024, **FAST)
+        dead = float((cc.encode(planted.acts).sum(0) == 0).float().mean())
+        runs[aux] = (dead, cc.meta["training"]["final_fvu"], recovery(cc, planted)["recovered"])
+    assert runs[1 / 32][0] < runs[0.0][0] and runs[1 / 32][1] < runs[0.0][1], runs
+    assert runs[1 / 32][2] >= 0.9 and runs[1 / 32][2] > runs[0.0][2], runs
+
+
 def test_lifetime_classes_and_summary():
     profile = torch.tensor([[1.0, 1.0, 0.9, 0.0, 0.0],   # persistent over the 3 loop states
                             [0.0, 1.0, 0.05, 0.0, 0.0],  # step-specific at h^(1)
