@@ -39,13 +39,14 @@ def child(args) -> dict:
     import torch
 
     from meshprobe import ModelConfig, build_model, load_checkpoint
-    from meshprobe.analysis.pipeline.analyze import analyze_model, checkpoint_tokens
+    from meshprobe.analysis.pipeline.analyze import analyze_model
+    from meshprobe.analysis.pipeline.tokens import TokenRequest, resolve_tokens
 
     device = torch.device(args.device)
     n = args.n
     if args.ckpt:
         model = load_checkpoint(args.ckpt, device=device)
-        tokens, _ = checkpoint_tokens(model, args.ckpt, samples=n, seq_len=args.seq_len, seed=0)
+        tokens, _ = resolve_tokens(model, args.ckpt, TokenRequest(samples=n, seq_len=args.seq_len))
     else:
         torch.manual_seed(0)
         seq_len = args.seq_len or 256

@@ -23,7 +23,7 @@ def tokens_for(ckpt: str, n: int, seq_len: int) -> torch.Tensor:
     if seq_len == 128:
         return torch.from_numpy(np.load("checkpoints/val_tokens.npy").astype(np.int64))[:n]
     from meshprobe import data as D
-    from meshprobe.analysis.pipeline.analyze import default_data_spec
+    from meshprobe.analysis.pipeline.tokens import default_data_spec
     from meshprobe.analysis.stats import sample_disjoint_windows
     from meshprobe.checkpoint import read_checkpoint_config
     from meshprobe.data import load_tokenizer

@@ -38,7 +38,7 @@ _EXPORTS = {
     "evaluate_checkpoint": "meshprobe.evaluate",
     "analyze": "meshprobe.analysis.pipeline.analyze",
     "analyze_model": "meshprobe.analysis.pipeline.analyze",
-    "sample_tokens": "meshprobe.analysis.pipeline.analyze",
+    "sample_tokens": "meshprobe.analysis.pipeline.tokens",
     "Metrics": "meshprobe.analysis.pipeline.analyze",
 }
 _MODULES = {"metrics": "meshprobe.analysis.metrics", "probes": "meshprobe.analysis.probes",
@@ -48,7 +48,8 @@ __all__ = sorted([*_EXPORTS, *_MODULES])
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load lazily below
     from meshprobe import features  # noqa: F401
     from meshprobe.analysis import metrics, probes  # noqa: F401
-    from meshprobe.analysis.pipeline.analyze import Metrics, analyze, analyze_model, sample_tokens  # noqa: F401
+    from meshprobe.analysis.pipeline.analyze import Metrics, analyze, analyze_model  # noqa: F401
+    from meshprobe.analysis.pipeline.tokens import sample_tokens  # noqa: F401
     from meshprobe.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401
     from meshprobe.config import ModelConfig  # noqa: F401
     from meshprobe.data.tokenizer import load_tokenizer  # noqa: F401

@@ -23,6 +23,7 @@ from meshprobe.analysis.plots import diagnostics as plots
 from meshprobe.analysis import metrics as M
 from meshprobe.analysis.pipeline import analyze as R
 from meshprobe.analysis.pipeline import schema
+from meshprobe.analysis.pipeline import tokens as T
 from meshprobe.analysis.probes.loops import LOOP_FEATURES
 from meshprobe.cli import main
 
@@ -221,10 +222,10 @@ def test_cli_samples_from_checkpoint_corpus(zoo, capsys):
     assert m["name"] == "b0" and m["data"]["n_samples"] == 6 and m["data"]["seq_len"] == 16
     assert "corpus.txt" in m["data"]["source"] and m["probes"] is None
     assert (out / "fig1.png").is_file() and not (out / "probes.png").exists()
-    a = R.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=3)
-    b = R.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=3, data=str(zoo["corpus"]))
+    a = T.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=3)
+    b = T.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=3, data=str(zoo["corpus"]))
     assert a.shape == (6, 16) and a.dtype == torch.long and torch.equal(a, b)
-    assert not torch.equal(a, R.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=4))
+    assert not torch.equal(a, T.sample_tokens(zoo["ckpt"]["base"], 6, 16, seed=4))
 
 
 # ---------------------------------------------------------------------------------------------------------

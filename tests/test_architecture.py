@@ -84,6 +84,23 @@ def test_no_upward_imports(path):
         assert LEVEL[name] <= LEVEL[me], f"{path.relative_to(PKG)}:{line} imports meshprobe.{name} (a higher layer)"
 
 
+# The analysis pipeline, bottom to top (ARCHITECTURE.md): a module imports only the ones before it, lazily or not,
+# so following a model from mp.analyze or the CLI never climbs back up.
+PIPELINE = ["schema", "collect", "analyzer", "tokens", "outputs", "analyze", "checkpoints", "hf_dirs"]
+
+
+def test_pipeline_imports_one_way():
+    folder = PKG / "analysis" / "pipeline"
+    assert {p.stem for p in folder.glob("*.py")} - {"__init__"} == set(PIPELINE), "add the module to PIPELINE"
+    for i, name in enumerate(PIPELINE):
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("meshprobe.analysis.pipeline"):
+                parts = node.module.split(".")
+                targets = parts[3:4] or [a.name for a in node.names]
+                for t in targets:
+                    assert PIPELINE.index(t) < i, f"pipeline/{name}.py:{node.lineno} imports pipeline.{t}"
+
+
 def test_help_loads_no_torch():
     code = "import sys; from meshprobe.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

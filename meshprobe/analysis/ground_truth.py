@@ -193,12 +193,13 @@ def patching(model, clean: tasks.TaskBatch, corrupt: tasks.TaskBatch, sites=None
     return out
 
 
-def analyze_task(model, spec: tasks.TaskSpec, n_sequences: int = 256, seed: int = 0, **probe_kw) -> dict:
-    """All four analyses on ``n_sequences`` evaluation sequences at p = hops (evaluation seed ``seed``; the
-    corrupted sequences for patching from seed ``seed + 1``). JSON-ready."""
+def analyze_task(model, spec: tasks.TaskSpec, n_sequences: int = 256, seed: int = 0, *,
+                 batch: tasks.TaskBatch | None = None, **probe_kw) -> dict:
+    """All four analyses on ``n_sequences`` evaluation sequences at p = hops (evaluation seed ``seed``, or the
+    given ``batch`` of them; the corrupted sequences for patching from seed ``seed + 1``). JSON-ready."""
     was_training = model.training
     model.eval()
-    batch = tasks.eval_set(spec, n_sequences, seed=seed)
+    batch = batch if batch is not None else tasks.eval_set(spec, n_sequences, seed=seed)
     corrupt = tasks.eval_set(spec, n_sequences, seed=seed + 1)
     states = task_states(model, batch.tokens)
     with torch.no_grad():

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from meshprobe.errors import UserError
 
-DEFAULT_SAMPLES = 500  # = meshprobe.analysis.pipeline.analyze.DEFAULT_SAMPLES (not imported: --help stays torch-free)
+DEFAULT_SAMPLES = 500  # = meshprobe.analysis.pipeline.tokens.DEFAULT_SAMPLES (not imported: --help stays torch-free)
 DEFAULT_SEQ_LEN = 256
 
 

@@ -63,9 +63,8 @@ def regenerate_depth(checkpoints: str | os.PathLike = "checkpoints", out: str | 
                      n_sequences: int = 512) -> list[Path]:
     """Run every bundled looped model at each K of `loops` and write the depth figure and depth.json to `out`.
     samples: the first N rows of val_tokens.npy (default all); n_sequences: task evaluation sequences per p."""
-    import numpy as np
-
     from meshprobe.analysis.depth import task_depth, text_depth
+    from meshprobe.analysis.pipeline.tokens import TokenRequest, given_tokens
     from meshprobe.analysis.plots.depth import plot_depth
 
     root = Path(checkpoints)
@@ -74,7 +73,8 @@ def regenerate_depth(checkpoints: str | os.PathLike = "checkpoints", out: str | 
         raise UserError(f"no bundled zoo in {root} or {tasks_root}: bundle one first (meshprobe zoo --bundle)")
     text, task = {}, {}
     if (root / "zoo.json").is_file():
-        tokens = np.load(root / "val_tokens.npy", allow_pickle=False)[:samples]
+        tokens, _ = given_tokens(TokenRequest(root / "val_tokens.npy", samples))  # the bundle's shared sample
+        tokens = tokens.numpy()
         text = {name: text_depth(root / name, tokens, loops) for name in _looped(root)}
     if (tasks_root / "zoo.json").is_file():
         task = {name: task_depth(tasks_root / name, loops, n_sequences) for name in _looped(tasks_root)}

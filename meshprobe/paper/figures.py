@@ -229,24 +229,24 @@ def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.Pat
                samples: int | None = None, probes: bool = True, progress: bool = True) -> list[Path]:
     """Recompute every analysis on the bundled models and rewrite `out` (files are moved in at the end, so a
     failure leaves the previous figures intact). Returns the files written."""
-    import torch
-
     from meshprobe._io import read_jsonl
     from meshprobe.analysis.plots import diagnostics as plots
     from meshprobe.analysis.pipeline.analyze import analyze_model
-    from meshprobe.analysis.pipeline.checkpoints import write_outputs
+    from meshprobe.analysis.pipeline.outputs import write_outputs
+    from meshprobe.analysis.pipeline.tokens import TokenRequest, resolve_tokens
     from meshprobe.checkpoint import load_checkpoint
 
     root, out = Path(checkpoints), Path(out)
     manifest, tokens, results = load_bundle(root)
-    tokens = torch.from_numpy(tokens[:samples].astype("int64"))
+    request = TokenRequest(tokens, samples, label=str(root / manifest.get("val_tokens", "val_tokens.npy")))
     names = [m["name"] for m in manifest["models"]]
     variants = {m["name"]: label(m["name"]) for m in manifest["models"]}
     metrics = []
     for name in names:
         model = load_checkpoint(root / name)
+        tokens, source = resolve_tokens(model, root / name, request)  # the bundle's shared validation sample
         metrics.append(analyze_model(model, tokens, probes=probes, progress=progress, name=variants[name], threads=1,
-                                     checkpoint=str(root / name), source=f"{root / 'val_tokens.npy'}"))
+                                     checkpoint=str(root / name), source=source))
     for m in metrics:  # wall time differs from run to run; the bundle's files must not
         m["data"]["seconds"] = None
     by_variant = {m["name"]: m for m in metrics}

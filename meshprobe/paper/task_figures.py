@@ -43,6 +43,16 @@ def _load_task_models(paths, names=None, loops=None):
     return spec, models
 
 
+def _analyses(models: dict, spec, n_sequences: int, seed: int, data=None) -> dict[str, dict]:
+    """The ground-truth analyses of each model on its evaluation sequences (the token resolver's task rule)."""
+    from meshprobe.analysis.ground_truth import analyze_task
+    from meshprobe.analysis.pipeline.tokens import TokenRequest, task_batch
+
+    request = TokenRequest(samples=n_sequences, seed=seed, data=data)
+    return {name: analyze_task(m, spec, n_sequences, seed=seed, batch=task_batch(m, request)[0])
+            for name, m in models.items()}
+
+
 def _write(out: Path, spec, analyses: dict[str, dict], rows: list[dict], extra_files: dict[str, str]) -> list[Path]:
     from meshprobe.data import tasks
     from meshprobe.analysis.plots.tasks import plot_task
@@ -66,13 +76,8 @@ def analyze_task_checkpoints(paths, out: str | os.PathLike, names=None, n_sequen
     """`meshprobe analyze` for task checkpoints: :func:`~meshprobe.analysis.ground_truth.analyze_task` of each
     (on `n_sequences` evaluation sequences of seed `seed`) -> ground_truth.json and the task figure in `out`.
     `loops`: each checkpoint at each of these loop counts (test-time depth), named ``<name>@K<K>``."""
-    from meshprobe.data import tasks
-    from meshprobe.analysis.ground_truth import analyze_task
-
     spec, models = _load_task_models(list(paths), names, loops)
-    if data is not None and tasks.parse_task(data) != spec:
-        raise UserError(f"the checkpoints were trained on {spec.spec_string()}, not {data}")
-    analyses = {name: analyze_task(m, spec, n_sequences, seed=seed) for name, m in models.items()}
+    analyses = _analyses(models, spec, n_sequences, seed, data)
     rows = [{"run": name, "variant": a["variant"], "seed": None, "fresh_task_acc": a["task_acc"]}
             for name, a in analyses.items()]
     return _write(Path(out), spec, analyses, rows, {})
@@ -107,7 +112,6 @@ def results_markdown(results: dict, summary: list[dict], bundled: list[dict] = (
 def regenerate_tasks(checkpoints: str | os.PathLike = "checkpoints/tasks", out: str | os.PathLike = "figures/tasks",
                      n_sequences: int = 256, seed: int = 0) -> list[Path]:
     """Recompute the task figure, ground_truth.json and results.md from a bundled task zoo."""
-    from meshprobe.analysis.ground_truth import analyze_task
     from meshprobe.analysis.plots.tasks import accuracy_summary
 
     root = Path(checkpoints)
@@ -121,7 +125,7 @@ def regenerate_tasks(checkpoints: str | os.PathLike = "checkpoints/tasks", out: 
     results = _io.read_json(root / "results.json") if (root / "results.json").is_file() else {}
     names = [m["name"] for m in manifest["models"]]
     spec, models = _load_task_models([root / n for n in names], names)
-    analyses = {name: analyze_task(m, spec, n_sequences, seed=seed) for name, m in models.items()}
+    analyses = _analyses(models, spec, n_sequences, seed)
     rows = results.get("runs", [])
     text = results_markdown(results, accuracy_summary(rows),
                             [m for m in manifest["models"] if m.get("spec") not in (None, manifest.get("spec"))])

@@ -1,6 +1,6 @@
-"""The analysis of one model: sample tokens, one streaming pass (:class:`~meshprobe.analysis.pipeline.analyzer.
-Analyzer`), the metrics as a dict. Writing files from checkpoints (``meshprobe analyze``) is
-:mod:`meshprobe.analysis.pipeline.checkpoints`.
+"""The analysis of one model: its tokens (:mod:`meshprobe.analysis.pipeline.tokens`), one streaming pass
+(:class:`~meshprobe.analysis.pipeline.analyzer.Analyzer`), the metrics as a dict. Writing files from checkpoints
+(``meshprobe analyze``) is :mod:`meshprobe.analysis.pipeline.checkpoints`.
 
     import meshprobe as mp
     m = mp.analyze("checkpoints/loop3-mesh", samples=64)   # Metrics: a dict (one models[] entry of metrics.json)
@@ -57,23 +57,18 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from meshprobe.analysis.pipeline.analyzer import Analyzer
 from meshprobe.analysis.pipeline.collect import check_tokens, iter_caches, state_spec
+from meshprobe.analysis.pipeline.outputs import write_outputs
 from meshprobe.analysis.pipeline.schema import METRICS_KEYS, metric_key_paths, to_jsonable
+from meshprobe.analysis.pipeline.tokens import TokenRequest, resolve_tokens
 from meshprobe.analysis.probes.suite import ProbeSuite, random_init_baseline
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
-from meshprobe.checkpoint import VAL_TOKENS_FILE as BUNDLED_TOKENS
-from meshprobe.errors import UserError
 from meshprobe.runtime import torch_threads
 
-__all__ = ["Analyzer", "Metrics", "analyze", "analyze_model", "sample_tokens", "bundled_tokens", "METRICS_KEYS",
-           "metric_key_paths", "to_jsonable", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "BUNDLED_TOKENS"]
-
-DEFAULT_SAMPLES = 500
-DEFAULT_SEQ_LEN = 256
+__all__ = ["Analyzer", "Metrics", "analyze", "analyze_model", "METRICS_KEYS", "metric_key_paths", "to_jsonable"]
 
 
 def _model_info(model) -> dict[str, Any]:
@@ -155,181 +150,6 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
     return result
 
 
-def default_data_spec(config: Mapping[str, Any]):
-    """The corpus a checkpoint was trained on (its train metadata), else shakespeare."""
-    meta = config.get("metadata") or {}
-    train = meta.get("train") or {}
-    if train.get("data"):
-        return train["data"]
-    data = meta.get("data") or {}
-    if isinstance(data, dict) and data.get("spec"):
-        return data["spec"]
-    if isinstance(data, (str, list)) and data:
-        return data
-    return "shakespeare"
-
-
-def sample_tokens(ckpt, samples: int = 500, seq_len: int = 256, seed: int = 0, data=None, *, tokenizer=None,
-                  split: str = "val") -> torch.Tensor:
-    """``samples`` windows of ``seq_len`` tokens drawn deterministically (``seed``) from the validation split
-    (non-overlapping windows, :func:`~meshprobe.analysis.stats.sample_disjoint_windows`, when the split holds
-    ``samples * seq_len`` tokens; else possibly overlapping ones) of the checkpoint's training corpus (``metadata.train.data``; ``data`` overrides it), tokenized with the
-    checkpoint's tokenizer. ``ckpt``: a checkpoint path, or a loaded model (then pass ``tokenizer``; the corpus
-    comes from ``model.checkpoint_config`` or ``data``). Returns a LongTensor [samples, seq_len]."""
-    from meshprobe import data as D
-    from meshprobe.checkpoint import read_checkpoint_config
-
-    if samples < 2:
-        raise UserError(f"need at least 2 samples, got {samples}")
-    if isinstance(ckpt, (str, os.PathLike)):
-        config = read_checkpoint_config(ckpt)
-        tok = tokenizer or D.load_tokenizer(ckpt, missing_ok=True)
-        where = str(ckpt)
-    else:
-        config = getattr(ckpt, "checkpoint_config", None) or {"model": ckpt.cfg.to_dict()}
-        tok = tokenizer
-        where = "the model"
-    if tok is None:
-        raise UserError(f"{where} has no tokenizer.json: pass pre-tokenized sequences (tokens)")
-    n_ctx = config["model"]["n_ctx"]
-    if seq_len > n_ctx:
-        raise UserError(f"seq_len {seq_len} is above the model context n_ctx={n_ctx}")
-    if tok.get_vocab_size() > config["model"]["vocab_size"]:
-        raise UserError(f"{where}: tokenizer ({tok.get_vocab_size()} ids) larger than the model vocabulary")
-    spec = data if data else default_data_spec(config)
-    corpus = D.open_corpus(spec, quiet=True)
-    ids = D.tokenize_corpus(corpus, tok)[split]
-    if len(ids) < seq_len:
-        raise UserError(f"data {corpus.name}: only {len(ids)} {split} tokens, need at least seq_len = {seq_len}")
-    if samples * seq_len <= len(ids):  # non-overlapping windows (no position is shared by two windows)
-        from meshprobe.analysis.stats import sample_disjoint_windows
-
-        return torch.from_numpy(sample_disjoint_windows(ids, samples, seq_len, seed))
-    return torch.from_numpy(D.sample_sequences(ids, samples, seq_len, seed))
-
-
-def load_token_file(path: str | os.PathLike) -> np.ndarray:
-    """A pre-tokenized ``.npy`` integer array [N, seq] (never unpickled); UserError otherwise."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"tokens file not found: {p}")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"tokens={p}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
-    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype.kind not in "iu":
-        raise UserError(f"tokens={p}: need a 2-d integer array [N, seq], got "
-                        f"{getattr(arr, 'dtype', type(arr))} {getattr(arr, 'shape', '')}")
-    return arr
-
-
-def check_token_shapes(configs: Sequence[Mapping], paths: Sequence[Path], token_file, tokens_path, samples,
-                       seq_len) -> None:
-    """Fail before any work when the requested ``samples`` / ``seq_len`` do not fit the token file or a
-    checkpoint's context."""
-    if token_file is not None:
-        n_rows, n_cols = token_file.shape
-        if samples is not None and samples > n_rows:
-            raise UserError(f"samples={samples} but {tokens_path} has only {n_rows} rows")
-        if seq_len is not None and seq_len > n_cols:
-            raise UserError(f"seq_len={seq_len} but {tokens_path} has only {n_cols} tokens per row")
-    for p, cfg in zip(paths, configs):
-        n_ctx = cfg["model"]["n_ctx"]
-        want = seq_len if seq_len is not None else (token_file.shape[1] if token_file is not None else None)
-        if want is not None and want > n_ctx:
-            raise UserError(f"seq_len={want} is above the context of {p} (n_ctx={n_ctx})")
-
-
-def _rows(token_file: np.ndarray, samples: int | None, seq_len: int | None) -> torch.Tensor:
-    rows = samples if samples is not None else token_file.shape[0]
-    cols = seq_len if seq_len is not None else token_file.shape[1]
-    return torch.from_numpy(np.ascontiguousarray(token_file[:rows, :cols]).astype(np.int64))
-
-
-def bundled_tokens(path: str | os.PathLike) -> Path | None:
-    """The checkpoint's own validation sample (``val_tokens.npy`` in its folder), if it ships one."""
-    f = Path(path) / BUNDLED_TOKENS
-    return f if f.is_file() else None
-
-
-def checkpoint_tokens(model, path: str | os.PathLike | None, *, token_file: np.ndarray | None = None,
-                      tokens_path=None, samples: int | None = None, seq_len: int | None = None, seed: int = 0,
-                      data=None) -> tuple[torch.Tensor, str]:
-    """``(tokens [N, seq], where they came from)`` for one checkpoint, first that applies:
-
-    1. the rows of ``token_file`` (first ``samples`` rows, first ``seq_len`` columns; default all);
-    2. without ``data``: the checkpoint's own validation sample ``val_tokens.npy`` (bundled checkpoints ship
-       one, so they analyze on any machine: a checkpoint never needs the corpus path of the machine that
-       trained it), rows and columns as in 1;
-    3. ``samples`` windows (default 500) of ``seq_len`` tokens (default min(256, n_ctx)) drawn with ``seed``
-       from the validation split of the checkpoint's corpus (``data`` overrides it), tokenized with its own
-       tokenizer.
-    """
-    if token_file is not None:
-        rows = _rows(token_file, samples, seq_len)
-        return rows, f"{tokens_path} (rows 0..{rows.shape[0] - 1}, {rows.shape[1]} tokens)"
-    own = bundled_tokens(path) if path is not None and not data else None
-    if own is not None:
-        arr = load_token_file(own)
-        check_token_shapes([{"model": {"n_ctx": model.cfg.n_ctx}}], [Path(path)], arr, own, samples, seq_len)
-        rows = _rows(arr, samples, seq_len)
-        return rows, f"the checkpoint's own validation sample ({BUNDLED_TOKENS}, {rows.shape[0]} x {rows.shape[1]})"
-    from meshprobe.data import load_tokenizer
-
-    samples = samples if samples is not None else DEFAULT_SAMPLES
-    seq_len = seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, model.cfg.n_ctx)
-    tokenizer = load_tokenizer(path, missing_ok=True) if path is not None else None
-    if tokenizer is None:
-        raise _no_tokenizer(path)
-    spec = data if data else default_data_spec(model.checkpoint_config)
-    try:
-        tokens = sample_tokens(model, samples, seq_len, seed, data=data, tokenizer=tokenizer)
-    except UserError as exc:
-        if data:
-            raise
-        raise _corpus_unreadable(path, exc) from None
-    return tokens, f"validation split of {spec if isinstance(spec, str) else ' + '.join(spec)}"
-
-
-def _no_tokenizer(path) -> UserError:
-    return UserError(f"{path or 'the model'} has no tokenizer.json and no {BUNDLED_TOKENS}: pass pre-tokenized "
-                     "sequences (tokens)")
-
-
-def _corpus_unreadable(path, exc: UserError) -> UserError:
-    return UserError(f"{path}: its training corpus cannot be read here ({exc}); pass data (a corpus spec) or "
-                     "tokens (a .npy file)")
-
-
-def token_shape(path: str | os.PathLike, config: Mapping, *, token_file: np.ndarray | None = None,
-                samples: int | None = None, seq_len: int | None = None, data=None) -> tuple[int, int]:
-    """``(rows, tokens per row)`` that :func:`checkpoint_tokens` will give for the checkpoint at `path`
-    (config: its config.json), found the same way without loading the model or reading the corpus, and with
-    the same one-line errors: the token file, the bundled sample's shape, or a tokenizer and a corpus that
-    opens. A multi-checkpoint call runs it on every checkpoint before the first is analyzed."""
-    if token_file is not None:
-        arr = token_file
-    else:
-        own = bundled_tokens(path) if not data else None
-        arr = load_token_file(own) if own is not None else None
-        if arr is not None:
-            check_token_shapes([config], [Path(path)], arr, own, samples, seq_len)
-    if arr is not None:
-        return (samples if samples is not None else arr.shape[0], seq_len if seq_len is not None else arr.shape[1])
-    from meshprobe.data import load_tokenizer, open_corpus
-
-    if load_tokenizer(path, missing_ok=True) is None:
-        raise _no_tokenizer(path)
-    try:
-        open_corpus(data if data else default_data_spec(config), quiet=True)
-    except UserError as exc:
-        if data:
-            raise
-        raise _corpus_unreadable(path, exc) from None
-    return (samples if samples is not None else DEFAULT_SAMPLES,
-            seq_len if seq_len is not None else min(DEFAULT_SEQ_LEN, config["model"]["n_ctx"]))
-
-
 class Metrics(dict):
     """One model's metrics: a plain dict (the ``models[]`` entry of metrics.json; every key is documented in
     ``METRICS_KEYS``), with the figures and the report one call away."""
@@ -349,8 +169,6 @@ class Metrics(dict):
 
     def save(self, out: str | os.PathLike) -> list[Path]:
         """Write ``out`` as ``meshprobe analyze`` does (metrics.json, report.md, figures; atomically)."""
-        from meshprobe.analysis.pipeline.checkpoints import write_outputs
-
         return write_outputs(out, [dict(self)], self.plot)
 
     def _repr_markdown_(self) -> str:  # Jupyter shows the report
@@ -363,9 +181,11 @@ def analyze(model, tokens=None, *, samples: int | None = None, seq_len: int | No
 
     ``model``: a loaded model or a checkpoint folder (loaded on ``device``, default CPU), or a transformers
     looped LM (a folder, or a model from :func:`meshprobe.hf.load`: tokens through its own tokenizer). ``tokens``: an
-    integer tensor / array [N, seq], a ``.npy`` path, or None: then :func:`checkpoint_tokens` picks them
-    (the checkpoint's own ``val_tokens.npy``, else ``samples`` windows of ``seq_len`` from its corpus or
-    ``data``). ``samples`` / ``seq_len`` also cut a given token array. Every other keyword goes to
+    integer tensor / array [N, seq], a ``.npy`` path, or None: then
+    :func:`~meshprobe.analysis.pipeline.tokens.resolve_tokens` picks them (the checkpoint's own
+    ``val_tokens.npy``, else ``samples`` windows of ``seq_len`` from its corpus or ``data``; a transformers
+    model's tokenizer on ``data``; a task checkpoint's evaluation sequences). ``samples`` / ``seq_len`` also cut
+    a given token array. Every other keyword goes to
     :func:`analyze_model` (``probes``, ``baseline``, ``batch_size``, ``offsets``, ``progress``, ``threads``,
     ...). Nothing process-wide is changed (threads are restored; the CPU allocator is left alone).
     """
@@ -378,20 +198,7 @@ def analyze(model, tokens=None, *, samples: int | None = None, seq_len: int | No
         path, model = Path(model), loader(model, device=device or "cpu")
     elif getattr(model, "checkpoint_dir", None) is not None:
         path = Path(model.checkpoint_dir)
-    if tokens is None and getattr(model.cfg, "is_hf", False):
-        from meshprobe.analysis.pipeline.hf_dirs import dir_tokens
-
-        tokens, source = dir_tokens(model, path, samples=samples, seq_len=seq_len, seed=seed, data=data)
-    elif tokens is None:
-        tokens, source = checkpoint_tokens(model, path, samples=samples, seq_len=seq_len, seed=seed, data=data)
-    elif isinstance(tokens, (str, os.PathLike)):
-        arr = load_token_file(tokens)
-        check_token_shapes([{"model": {"n_ctx": model.cfg.n_ctx}}], [path or "the model"], arr, tokens, samples,
-                           seq_len)
-        tokens, source = _rows(arr, samples, seq_len), str(tokens)
-    else:
-        tokens = torch.as_tensor(tokens)[:samples, :seq_len]
-        source = None
+    tokens, source = resolve_tokens(model, path, TokenRequest(tokens, samples, seq_len, seed, data))
     result = analyze_model(model, tokens, device=device, seed=seed, source=source,
                            name=name or (path.name if path else None),
                            checkpoint=str(path) if path else None, **options)

@@ -1,54 +1,29 @@
-"""Checkpoints in, files out: what ``meshprobe analyze`` runs (:func:`analyze_checkpoints`), and the one
-:func:`write_outputs` (metrics.json, report.md, figures, published atomically) that ``meshprobe figures`` uses too.
+"""Checkpoints in, files out: what ``meshprobe analyze`` runs on meshprobe checkpoints
+(:func:`analyze_checkpoints`), and the loop both it and transformers directories share (:func:`analyze_and_write`:
+load one model, :func:`~meshprobe.analysis.pipeline.tokens.resolve_tokens`, :func:`analyze_model`, drop it;
+then :func:`~meshprobe.analysis.pipeline.outputs.write_outputs`).
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-import meshprobe
-from meshprobe import _io
-from meshprobe.analysis.pipeline.analyze import (analyze_model, check_token_shapes, checkpoint_tokens, load_token_file,
-                                                 token_shape)
-from meshprobe.analysis.pipeline.schema import FORMAT, FORMAT_VERSION
+from meshprobe.analysis.pipeline.analyze import analyze_model
+from meshprobe.analysis.pipeline.outputs import display_names, plot_analysis, write_outputs
+from meshprobe.analysis.pipeline.tokens import TokenRequest, check_token_shapes, resolve_tokens, token_shape
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
 from meshprobe.checks import check_fits, check_out_path
 from meshprobe.errors import UserError
 from meshprobe.runtime import resolve_device
 
-__all__ = ["analyze_checkpoints", "write_outputs", "plot_analysis", "display_names", "safe_name"]
-
-
-def safe_name(name: str) -> str:
-    """A display name as a folder name."""
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "model"
-
-
-def display_names(names: str | None, paths: Sequence[Path]) -> list[str]:
-    """One display name per checkpoint: the comma-separated `names`, else the folder names (made distinct)."""
-    if names is not None:
-        out = [n.strip() for n in names.split(",")]
-        if len(out) != len(paths) or any(not n for n in out):
-            raise UserError(f"names= needs {len(paths)} non-empty comma-separated names, got {names!r}")
-        if len({safe_name(n) for n in out}) != len(out):
-            raise UserError(f"names= must be distinct (as folder names), got {names!r}")
-        return out
-    out, seen = [], {}
-    for p in paths:
-        base = p.resolve().name or "model"
-        k = seen.get(base, 0)
-        seen[base] = k + 1
-        out.append(base if k == 0 else f"{base}-{k + 1}")
-    return out
+__all__ = ["analyze_checkpoints", "analyze_and_write"]
 
 
 def _check_inputs(paths: list[Path], configs: list[dict], out: Path, offsets, **token_args) -> None:
     """Everything :func:`analyze_checkpoints` can check before the first checkpoint is analyzed: the output
     folder (not one of the checkpoints, nor inside one), no task checkpoint among them, every checkpoint's
-    tokens (:func:`~meshprobe.analysis.pipeline.analyze.token_shape`), given offsets inside the windows, and
+    tokens (:func:`~meshprobe.analysis.pipeline.tokens.token_shape`), given offsets inside the windows, and
     the token arrays against this machine's memory."""
     check_out_path(out, inputs=tuple(paths), input_kind="checkpoint")
     for p, cfg in zip(paths, configs):
@@ -74,8 +49,8 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
                         loops: Sequence[int] | None = None) -> list[Path]:
     """Analyse checkpoints and write ``out`` (metrics.json, report.md, figures; see :func:`write_outputs`).
 
-    Every checkpoint's config is checked before any work. Tokens (:func:`~meshprobe.analysis.pipeline.analyze.
-    checkpoint_tokens`): the rows of the ``tokens`` .npy file; else the checkpoint's own validation sample
+    Every checkpoint's config is checked before any work. Tokens (:func:`~meshprobe.analysis.pipeline.tokens.
+    resolve_tokens`): the rows of the ``tokens`` .npy file; else the checkpoint's own validation sample
     (``val_tokens.npy``, shipped with bundled checkpoints) unless ``data`` is given; else ``samples`` windows of
     ``seq_len`` tokens drawn with ``seed`` from the validation split of its corpus (or ``data``). Every input
     is checked before the first checkpoint is analyzed (:func:`_check_inputs`). ``offsets``: the token probes'
@@ -94,29 +69,29 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     runs = [(p, f"{name}@K{k}" if k else name, k) for p, name in zip(paths, labels) for k in (loops or [None])]
     labels = [name for _, name, _ in runs]
     dev = resolve_device(device)
-    token_file = load_token_file(tokens) if tokens else None
-    check_token_shapes(configs, paths, token_file, tokens, samples, seq_len)
+    request = TokenRequest(tokens, samples, seq_len, seed, data).opened()
+    check_token_shapes(configs, paths, request.tokens, tokens, samples, seq_len)
     out = Path(out)
-    _check_inputs(paths, configs, out, offsets, token_file=token_file, samples=samples, seq_len=seq_len, data=data)
+    _check_inputs(paths, configs, out, offsets, token_file=request.tokens, samples=samples, seq_len=seq_len,
+                  data=data)
     return analyze_and_write(
-        runs, out, labels, lambda p, k: load_checkpoint(p, device=dev, loops=k),
-        lambda model, p: checkpoint_tokens(model, p, token_file=token_file, tokens_path=tokens, samples=samples,
-                                           seq_len=seq_len, seed=seed, data=data),
-        on_result, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
+        runs, out, labels, lambda p, k: load_checkpoint(p, device=dev, loops=k), request, on_result,
+        batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
         offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes, l2_mode=l2_mode,
         progress=progress, seed=seed, threads=threads, lens_positions=lens_positions)
 
 
 def analyze_and_write(runs: Sequence[tuple[Path, str, Any]], out: Path, labels: list[str],
-                      load_one: Callable[[Path, Any], Any], tokens_for: Callable[[Any, Path], tuple],
+                      load_one: Callable[[Path, Any], Any], request: TokenRequest,
                       on_result: Callable[[dict], None] | None = None, **analysis) -> list[Path]:
     """One model in memory at a time: for each ``(path, name, extra)`` of ``runs``, ``load_one(path, extra)``,
-    ``tokens_for(model, path) -> (tokens, source)``, :func:`analyze_model` with ``analysis``; then
-    :func:`write_outputs` once. Shared by meshprobe checkpoints and transformers directories."""
+    its tokens (:func:`~meshprobe.analysis.pipeline.tokens.resolve_tokens` under ``request``),
+    :func:`analyze_model` with ``analysis``; then :func:`write_outputs` once. Shared by meshprobe checkpoints and
+    transformers directories."""
     results = []
     for path, name, extra in runs:
         model = load_one(path, extra)
-        tokens, source = tokens_for(model, path)
+        tokens, source = resolve_tokens(model, path, request)
         res = analyze_model(model, tokens, name=name, checkpoint=str(path), source=source, **analysis)
         results.append(res)
         if on_result is not None:
@@ -125,33 +100,3 @@ def analyze_and_write(runs: Sequence[tuple[Path, str, Any]], out: Path, labels: 
     return write_outputs(out, results, lambda tmp: plot_analysis(results, labels, tmp))
 
 
-def plot_analysis(results: list[dict], names: list[str], out_dir: Path) -> None:
-    """The figures of ``meshprobe analyze``: one model's figures, or the comparison plus each model's own
-    figures in ``<name>/``."""
-    from meshprobe.analysis.plots import diagnostics as plots
-
-    if len(results) == 1:
-        plots.plot_model(results[0], out_dir)
-        return
-    plots.plot_comparison(results, names, out_dir)
-    for res, name in zip(results, names):
-        plots.plot_model(res, out_dir / safe_name(name))
-
-
-def write_outputs(out: str | os.PathLike, models: list[dict], plot: Callable[[Path], Any],
-                  extra: Mapping[str, Any] | None = None) -> list[Path]:
-    """Write an analysis folder: ``plot(folder)`` draws the figures (and any other files), then metrics.json
-    (``{"format", "version", "meshprobe_version", "models", **extra}``) and report.md. Everything is written
-    into a temp folder beside ``out`` and moved in only when complete, so a failure leaves earlier results
-    intact. Returns the files written."""
-    from meshprobe.analysis import report
-
-    out = Path(out)
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "meshprobe_version": meshprobe.__version__,
-           "models": models, **(extra or {})}
-    with _io.staging_dir(out) as tmp:
-        plot(tmp)
-        (tmp / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False), encoding="utf-8")
-        report.write_report(doc, tmp / "report.md")
-        out.mkdir(parents=True, exist_ok=True)
-        return _io.move_into(tmp, out)
