@@ -1,5 +1,6 @@
 """The one token resolver (meshprobe.analysis.pipeline.tokens.resolve_tokens) for every kind of model: given
 tokens, a meshprobe checkpoint (its val_tokens.npy or its corpus), a task checkpoint, a transformers looped LM."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,10 @@ import torch
 from conftest import tiny_cfg
 
 from meshprobe import build_model, save_checkpoint
-from meshprobe.analysis.pipeline.tokens import TokenRequest, given_tokens, resolve_tokens, task_batch
+from meshprobe.analysis.pipeline.tokens import (TokenRequest, check_same_text, given_tokens, resolve_tokens, task_batch,
+                                                tokenizer_identity)
 from meshprobe.checkpoint import load_checkpoint
+from meshprobe.cli import main
 from meshprobe.data import tasks
 from meshprobe.errors import UserError
 
@@ -94,3 +97,106 @@ def test_a_transformers_model_uses_its_own_tokenizer(tmp_path):
     tokens, source = resolve_tokens(model, None, TokenRequest(samples=4, seq_len=10))  # path from the model
     assert tokens.shape == (4, 10) and int(tokens.max()) < 60
     assert source == "validation split of shakespeare (the model's tokenizer)"
+
+
+# ------------------------------------------------------------------- comparisons across different tokenizers
+def _snapshot(root):
+    return {str(p.relative_to(root)): (p.is_dir(), None if p.is_dir() else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("meshprobe analyze: error:") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def two_tokenizers(kinds, tmp_path_factory):
+    """Two checkpoints whose tokenizers differ (vocab 300 and 400), each with its own val_tokens.npy."""
+    from meshprobe.data import train_tokenizer
+
+    root = tmp_path_factory.mktemp("two")
+    text = kinds["corpus"].read_text()
+    out = {}
+    for vocab in (300, 400):
+        torch.manual_seed(0)
+        out[vocab] = save_checkpoint(build_model(tiny_cfg(vocab_size=vocab)), root / f"v{vocab}",
+                                     tokenizer=train_tokenizer([text], vocab_size=vocab),
+                                     train={"data": str(kinds["corpus"])})
+        np.save(out[vocab] / "val_tokens.npy", np.arange(4 * 16).reshape(4, 16) % 300)
+    np.save(root / "t.npy", np.arange(4 * 16).reshape(4, 16) % 300)
+    out["tokens"], out["root"] = root / "t.npy", root
+    return out
+
+
+def test_given_ids_across_different_tokenizers_are_refused(two_tokenizers, tmp_path, capsys):
+    a, b = two_tokenizers[300], two_tokenizers[400]
+    before = _snapshot(two_tokenizers["root"])
+    assert main(["analyze", str(a), str(b), "--tokens", str(two_tokenizers["tokens"]), "--out",
+                 str(tmp_path / "out")]) == 2
+    err = _one_error(capsys)
+    assert "different tokenizers (vocab 300 and 400)" in err and "--data SPEC" in err and "--tokens " in err
+    assert list(tmp_path.iterdir()) == [] and _snapshot(two_tokenizers["root"]) == before
+
+
+def test_own_samples_across_different_tokenizers_are_refused(two_tokenizers, tmp_path, capsys):
+    """Without a data flag each checkpoint would read its own val_tokens.npy: different text to each."""
+    assert main(["analyze", str(two_tokenizers[300]), str(two_tokenizers[400]), "--out", str(tmp_path / "o")]) == 2
+    err = _one_error(capsys)
+    assert "would each read their own validation text" in err and "--data SPEC" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_different_tokenizers_compare_on_the_same_text(two_tokenizers, kinds, tmp_path):
+    out = tmp_path / "o"
+    assert main(["analyze", str(two_tokenizers[300]), str(two_tokenizers[400]), "--data", str(kinds["corpus"]),
+                 "--out", str(out), "--samples", "4", "--seq-len", "8", "--no-probes", "--no-progress"]) == 0
+    models = json.loads((out / "metrics.json").read_text())["models"]
+    assert [m["model"]["vocab_size"] for m in models] == [300, 400]
+    assert {m["data"]["source"] for m in models} == {f"validation split of {kinds['corpus']}"}
+
+
+def test_tokenizer_identity_is_the_file_content_or_the_vocabulary(two_tokenizers, kinds, tmp_path):
+    cfg = {"model": {"vocab_size": 300}}
+    assert tokenizer_identity(kinds["text"], cfg) == tokenizer_identity(kinds["bundled"], cfg)  # same file, 2 copies
+    assert tokenizer_identity(two_tokenizers[300], cfg) != tokenizer_identity(two_tokenizers[400], cfg)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert tokenizer_identity(tmp_path / "a", cfg) == tokenizer_identity(tmp_path / "b", cfg)
+    assert tokenizer_identity(tmp_path / "a", cfg) != tokenizer_identity(tmp_path / "b", {"model": {"vocab_size": 9}})
+    same = TokenRequest(data="shakespeare")
+    check_same_text([two_tokenizers[300], two_tokenizers[400]], [cfg, {"model": {"vocab_size": 400}}], same)
+
+
+def _dory_dir(path, tokenizer_text):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import DoryConfig, DoryForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    DoryForCausalLM(DoryConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, n_input_layers=1, n_output_layers=1, n_recurrent_loops=2,
+        sliding_window=8, max_position_embeddings=64)).save_pretrained(path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([tokenizer_text] * 5, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def test_transformers_directories_with_different_tokenizers(tmp_path, capsys):
+    """Given ids are refused; without a data flag both read shakespeare through their own tokenizers."""
+    a = _dory_dir(tmp_path / "a", "to be or not to be that is the question")
+    b = _dory_dir(tmp_path / "b", "whether tis nobler in the mind to suffer the slings and arrows")
+    np.save(tmp_path / "t.npy", np.arange(4 * 16).reshape(4, 16) % 60)
+    capsys.readouterr()  # save_pretrained's progress bars
+    before = _snapshot(tmp_path)
+    assert main(["analyze", str(a), str(b), "--tokens", str(tmp_path / "t.npy"), "--out", str(tmp_path / "o")]) == 2
+    err = _one_error(capsys)
+    assert "different tokenizers (different tokenizer files)" in err and "--data SPEC" in err
+    assert _snapshot(tmp_path) == before
+    assert main(["analyze", str(a), str(b), "--out", str(tmp_path / "o"), "--samples", "4", "--seq-len", "8",
+                 "--no-probes", "--no-progress"]) == 0
+    models = json.loads((tmp_path / "o" / "metrics.json").read_text())["models"]
+    assert {m["data"]["source"] for m in models} == {"validation split of shakespeare (the model's tokenizer)"}

@@ -22,6 +22,9 @@ given; else ``--samples`` windows of ``--seq-len`` tokens drawn with ``--seed`` 
 the checkpoint's training corpus (or ``--data``), tokenized with the checkpoint's tokenizer. Windows drawn from the corpus do not
 overlap (when the split is long enough); metrics.json reports the share of probe test windows that share a
 16-gram with a probe training window either way.
+Models whose tokenizers differ (another tokenizer file, or none and another vocabulary size) are compared only
+on the same text, ``--data`` through each model's own tokenizer: with ``--tokens``, or each checkpoint's own
+sample, the run stops with one line before any work.
 
 
 ``--loops K`` (or ``--loops 1,2,...``) runs each looped meshprobe checkpoint with K loop steps (test-time depth:
@@ -98,6 +101,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="where the loop steps live (default: the built-in spec of the architecture)")
     hf.add_argument("--trust-remote-code", action="store_true",
                     help="allow a model directory's own modeling code (refused without this flag)")
+    hf.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="load the weights in this dtype (default: the checkpoint's own); the analyses accumulate in "
+                         "float32 / float64 whatever it is")
+    hf.add_argument("--device-map", choices=("auto",), default=None,
+                    help="auto: spread a model that does not fit one device over the GPUs, the CPU and disk "
+                         "(accelerate's big-model inference; states gathered on --device)")
+    hf.add_argument("--max-memory", metavar="DEV=SIZE,...", default=None,
+                    help="with --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB (default: what is free)")
+    hf.add_argument("--offload-folder", metavar="DIR", default=None,
+                    help="with --device-map: where weights that fit no device are offloaded to disk")
 
 
 def _validate(args) -> None:
@@ -144,7 +157,9 @@ def _hf_dirs(args) -> bool:
                 raise UserError(f"checkpoint not found: {p}")
         raise UserError("give either meshprobe checkpoints or transformers model directories, not both")
     if not any(hf):
-        for flag, value in (("--loop-spec", args.loop_spec), ("--trust-remote-code", args.trust_remote_code or None)):
+        for flag, value in (("--loop-spec", args.loop_spec), ("--trust-remote-code", args.trust_remote_code or None),
+                            ("--dtype", args.dtype), ("--device-map", args.device_map),
+                            ("--max-memory", args.max_memory), ("--offload-folder", args.offload_folder)):
             if value is not None:
                 raise UserError(f"{flag} applies to transformers model directories only")
     return all(hf)
@@ -160,17 +175,33 @@ def _refuse_remote_code(paths, trust: bool, tokens=None) -> None:
             raise UserError(f"{p}: {reason}; it runs only with --trust-remote-code")
 
 
+def _max_memory(text: str | None) -> dict | None:
+    """--max-memory 0=20GiB,cpu=60GiB -> {0: "20GiB", "cpu": "60GiB"} (accelerate's max_memory)."""
+    if text is None:
+        return None
+    out = {}
+    for item in text.split(","):
+        dev, _, size = item.strip().partition("=")
+        if not dev or not size:
+            raise UserError(f"--max-memory takes DEV=SIZE,... (e.g. 0=20GiB,cpu=60GiB), got {text!r}")
+        out[int(dev) if dev.isdigit() else dev] = int(size) if size.isdigit() else size
+    return out
+
+
 def _run_hf(args, done) -> int:
     from meshprobe.hf.checks import check_hf_dir
 
     if args.loops and len(args.loops) > 1:
         raise UserError("--loops takes one K for transformers model directories")
+    args.max_memory = _max_memory(args.max_memory)
+    if (args.max_memory or args.offload_folder) and not args.device_map:
+        raise UserError("--max-memory and --offload-folder need --device-map auto")
     rows, cols = _token_file_shape(args.tokens) if args.tokens else (None, None)
     batch = min(args.batch_size, args.samples or rows or DEFAULT_SAMPLES)  # the batches hold at most every sample
     for p in args.checkpoints:  # config, weights' headers, loop counts, sizes, tokenizer: before torch loads
         check_hf_dir(p, spec=args.loop_spec, loops=args.loops[0] if args.loops else None, tokens=bool(args.tokens),
                      trust_remote_code=args.trust_remote_code, batch_size=batch,
-                     seq_len=args.seq_len or cols or DEFAULT_SEQ_LEN)
+                     seq_len=args.seq_len or cols or DEFAULT_SEQ_LEN, dtype=args.dtype, spread=bool(args.device_map))
     from meshprobe.analysis.pipeline.hf_dirs import analyze_hf_dirs
 
     _refuse_remote_code(args.checkpoints, args.trust_remote_code, args.tokens)
@@ -185,7 +216,9 @@ def _run_hf(args, done) -> int:
             seed=args.seed, device=args.device, batch_size=args.batch_size,
             threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
             probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
-            max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done)
+            max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done,
+            dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory,
+            offload_folder=args.offload_folder)
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures)")
     return 0
 

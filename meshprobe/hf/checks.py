@@ -203,9 +203,9 @@ def check_loop_counts(p: Path, config: dict[str, Any], fields: tuple[str | None,
     return outer
 
 
-def _check_sizes(p: Path, config: dict[str, Any], tensors: dict, dtype: str | None) -> None:
+def _check_sizes(p: Path, config: dict[str, Any], tensors: dict, dtype: str | None, fits: bool = True) -> None:
     """The embedding's width against the config's hidden size, the sizes against meshprobe's bounds, the
-    weights against this machine's memory (in the dtype they load in)."""
+    weights against this machine's memory (in the dtype they load in; unless ``fits`` is False)."""
     for name in (*HIDDEN_FIELDS, *SIZE_FIELDS, *CTX_FIELDS):  # what transformers would refuse after seconds
         v = config.get(name)
         if v is not None and (_int_field(config, name) is None or v < 1):
@@ -221,17 +221,19 @@ def _check_sizes(p: Path, config: dict[str, Any], tensors: dict, dtype: str | No
     n = sum(math.prod(shape) for _, shape, _ in tensors.values())
     width = LOAD_BYTES.get(str(dtype).removeprefix("torch.")) if dtype is not None else None
     n_bytes = sum(math.prod(shape) * (width or DTYPE_BYTES.get(dt, 1)) for dt, shape, _ in tensors.values())
-    check_fits(n_bytes, f"the weights of {p} ({n:,} parameters)")
+    if fits:
+        check_fits(n_bytes, f"the weights of {p} ({n:,} parameters)")
 
 
 def check_hf_dir(path: str | os.PathLike, *, spec=None, loops: int | None = None, trust_remote_code: bool = False,
-                 tokens: bool = True, dtype=None, batch_size: int | None = None, seq_len: int | None = None
-                 ) -> dict[str, Any]:
+                 tokens: bool = True, dtype=None, batch_size: int | None = None, seq_len: int | None = None,
+                 spread: bool = False) -> dict[str, Any]:
     """Check a transformers model directory before anything of it loads (see the module docstring); returns
     its config.json. ``spec``: the loop spec it will run with (default: the built-in one of its architecture),
     ``loops``: the test-time depth, ``tokens``: whether a token file is given (else it needs a tokenizer),
     ``dtype``: what the weights load as; ``batch_size`` and ``seq_len`` (both given): the states of one batch
-    must fit in memory. Messages name these parameters."""
+    must fit in memory; ``spread``: the model loads with a device_map (GPUs, CPU, disk), so its weights need not
+    fit in this machine's memory. Messages name these parameters."""
     from meshprobe.hf.loader import read_hf_config, remote_code_reason, tokenizer_remote_reason
     from meshprobe.hf.spec import as_spec, step_fields
 
@@ -240,7 +242,7 @@ def check_hf_dir(path: str | os.PathLike, *, spec=None, loops: int | None = None
     reason = remote_code_reason(config, heavy=False) or (None if tokens else tokenizer_remote_reason(p))
     if reason and not trust_remote_code:
         raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
-    _check_sizes(p, config, weight_tensors(p), dtype)
+    _check_sizes(p, config, weight_tensors(p), dtype, fits=not spread)
     if spec is not None:
         spec = as_spec(spec)
         fields = (spec.steps_field, spec.inner_steps_field)

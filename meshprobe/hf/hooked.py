@@ -200,7 +200,7 @@ class HFLoopedModel(HookedRootModule):
                 x = mods[name](x)
         finally:
             self._active = active
-        return x.float()
+        return x.to(device=h.device, dtype=torch.float32)  # the head may sit on another device (device_map)
 
     def parameter_counts(self) -> dict[str, int]:
         """total, non_embedding (without input embedding and LM head; tied weights once), router (0)."""

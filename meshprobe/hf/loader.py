@@ -177,7 +177,7 @@ def _held_load_report():
             log.removeFilter(hold)
 
 
-def _from_pretrained(p: Path, trust_remote_code: bool, dtype):
+def _from_pretrained(p: Path, trust_remote_code: bool, dtype, **big):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -186,7 +186,7 @@ def _from_pretrained(p: Path, trust_remote_code: bool, dtype):
     try:
         with _held_load_report() as held:
             model = AutoModelForCausalLM.from_pretrained(p, trust_remote_code=trust_remote_code, use_safetensors=True,
-                                                         local_files_only=True, dtype=dtype)
+                                                         local_files_only=True, dtype=dtype, **big)
     except Exception as exc:
         found = sorted((m for r in held for m in _MISMATCH.finditer(r.getMessage())), key=lambda m: m.group(1))
         if found:
@@ -206,7 +206,8 @@ def _from_pretrained(p: Path, trust_remote_code: bool, dtype):
 
 
 def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dtype=None, device=None,
-         loops: int | None = None):
+         loops: int | None = None, device_map=None, max_memory: dict | None = None,
+         offload_folder: str | os.PathLike | None = None):
     """Load the transformers model in ``path`` and :func:`~meshprobe.hf.hooked.wrap` it.
 
     ``spec``: a loop spec (LoopSpec, dict or JSON file; default: the built-in spec of the architecture).
@@ -216,6 +217,10 @@ def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dt
     The directory is checked before anything loads (:func:`~meshprobe.hf.checks.check_hf_dir`: config, loop
     counts, safetensors headers, sizes), then the size of the model config.json describes; weights whose
     shapes differ from that model are one line naming the first tensor.
+    ``device_map``: ``"auto"`` (or a transformers device map) spreads a model that does not fit one device over
+    the GPUs, the CPU and ``offload_folder`` on disk (accelerate's big-model inference, bounded per device by
+    ``max_memory``, e.g. ``{0: "20GiB", "cpu": "60GiB"}``; no check that it fits this machine's memory then);
+    the loop hooks fire as on a model in memory.
     """
     from meshprobe.hf.checks import check_hf_dir
     from meshprobe.hf.spec import as_spec
@@ -223,14 +228,17 @@ def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dt
     p = Path(path)
     if dtype is not None and not hasattr(dtype, "is_floating_point") and dtype not in _DTYPES:
         raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    config = check_hf_dir(p, spec=spec, loops=loops, trust_remote_code=trust_remote_code, dtype=dtype)
+    big = _big_model_kwargs(device, device_map, max_memory, offload_folder)
+    config = check_hf_dir(p, spec=spec, loops=loops, trust_remote_code=trust_remote_code, dtype=dtype,
+                          spread=bool(big))
     reason = remote_code_reason(config)
     if reason and not trust_remote_code:
         raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     spec = as_spec(spec) if spec is not None else None  # a bad spec fails before the weights load
     torch_dtype = _dtype(dtype)
-    _check_size(p, bool(trust_remote_code), torch_dtype)
-    model = _from_pretrained(p, bool(trust_remote_code), torch_dtype)
+    if not big:  # a spread model is meant not to fit one device
+        _check_size(p, bool(trust_remote_code), torch_dtype)
+    model = _from_pretrained(p, bool(trust_remote_code), torch_dtype, **big)
     if device is not None:
         model = model.to(device)
     from meshprobe.hf.hooked import wrap
@@ -238,6 +246,20 @@ def load(path: str | os.PathLike, spec=None, trust_remote_code: bool = False, dt
     wrapped = wrap(model, spec, loops)
     wrapped.checkpoint_dir, wrapped.trust_remote_code = p, bool(trust_remote_code)  # for its tokenizer
     return wrapped
+
+
+def _big_model_kwargs(device, device_map, max_memory, offload_folder) -> dict:
+    """from_pretrained's keywords of accelerate's big-model inference (none without a device_map)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise UserError("max_memory and offload_folder need device_map (e.g. device_map='auto')")
+        return {}
+    if device is not None:
+        raise UserError("give device or device_map, not both")
+    out = {"device_map": device_map, "max_memory": max_memory}
+    if offload_folder is not None:
+        out["offload_folder"] = str(offload_folder)
+    return out
 
 
 def tokenizer_remote_reason(path: str | os.PathLike) -> str | None:

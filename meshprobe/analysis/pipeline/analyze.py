@@ -79,6 +79,27 @@ def _model_info(model) -> dict[str, Any]:
             "parameters": model.parameter_counts()}
 
 
+def _place(model, device) -> tuple[Any, torch.device, bool]:
+    """``(model, device, spread)``: a model that accelerate spread over devices (``device_map``: GPUs, CPU, disk)
+    stays where it is and the analysis runs on ``device`` (default CPU; its hooks move every input to the
+    weights); any other model moves to ``device`` (default: its own)."""
+    spread = bool(getattr(getattr(model, "hf", None), "hf_device_map", None))
+    if device is None:
+        device = "cpu" if spread else next(model.parameters()).device
+    device = torch.device(device)
+    return (model if spread else model.to(device)).eval(), device, spread
+
+
+def _embedding(model) -> torch.Tensor:
+    """The input embedding matrix [V, e] (the retrieval probe's code), read through the module when accelerate
+    offloaded its weight (on the meta device until the module runs)."""
+    w = model.embed.weight
+    if w.device.type != "meta":
+        return w
+    with torch.no_grad():
+        return model.embed(torch.arange(w.shape[0]))
+
+
 def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: str | torch.device | None = None,
                   probes: bool = True, baseline: bool = True, progress: bool = True, seed: int = 0,
                   name: str | None = None, checkpoint: str | None = None, source: str | None = None,
@@ -102,15 +123,12 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
     """
     cfg = model.cfg
     tokens = check_tokens(tokens, cfg)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    model = model.to(device).eval()
+    model, device, spread = _place(model, device)
     N, seq = tokens.shape
     t0 = time.time()
     spec = state_spec(model)
     probe_kw = dict(offsets=offsets, max_classes=max_classes, seed=seed, l2_mode=l2_mode, **(probe_options or {}))
-    suite = ProbeSuite(spec, tokens, embedding=model.embed.weight, **probe_kw) if probes else None
+    suite = ProbeSuite(spec, tokens, embedding=_embedding(model), **probe_kw) if probes else None
     an = Analyzer(model, N, probe_suite=suite, seed=seed, sigma_frac=sigma_frac, top=top,
                   lens_positions=lens_positions)
     bar = None
@@ -128,12 +146,13 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
             out = an.result()
             if out["probes"] is not None:
                 base = None
-                if baseline and any(f in spec.state_names for f in suite.acc):
+                if baseline and not spread and any(f in spec.state_names for f in suite.acc):
                     base = random_init_baseline(model, tokens, batch_size=batch_size, device=device, **probe_kw)
                     out["notes"] += base.pop("notes")
                 else:
-                    out["notes"].append("random-init baseline of the probes skipped" + ("" if baseline else
-                                                                                         " (baseline=False)"))
+                    out["notes"].append("random-init baseline of the probes skipped" + (
+                        " (baseline=False)" if not baseline else " (the model is spread over devices by a "
+                        "device_map: a second, random copy would not fit either)" if spread else ""))
                 out["probes"]["random_init"] = to_jsonable(base)
     finally:
         if bar is not None:

@@ -11,7 +11,8 @@ from typing import Any, Callable, Sequence
 
 from meshprobe.analysis.pipeline.analyze import analyze_model
 from meshprobe.analysis.pipeline.outputs import display_names, plot_analysis, write_outputs
-from meshprobe.analysis.pipeline.tokens import TokenRequest, check_token_shapes, resolve_tokens, token_shape
+from meshprobe.analysis.pipeline.tokens import (TokenRequest, check_same_text, check_token_shapes, resolve_tokens,
+                                                token_shape)
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
 from meshprobe.checks import check_fits, check_out_path
 from meshprobe.errors import UserError
@@ -70,6 +71,7 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     labels = [name for _, name, _ in runs]
     dev = resolve_device(device)
     request = TokenRequest(tokens, samples, seq_len, seed, data).opened()
+    check_same_text(paths, configs, request)  # different tokenizers compare only on the same text
     check_token_shapes(configs, paths, request.tokens, tokens, samples, seq_len)
     out = Path(out)
     _check_inputs(paths, configs, out, offsets, token_file=request.tokens, samples=samples, seq_len=seq_len,

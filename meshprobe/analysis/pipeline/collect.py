@@ -147,7 +147,8 @@ def iter_caches(model, tokens: torch.Tensor, names: list[str], batch_size: int =
                 ) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]:
     """Yield ``(start, tokens_batch, cache, logits)`` for consecutive batches of ``tokens`` [N, seq].
 
-    ``cache`` maps every name in ``names`` to a float32 tensor on ``device`` (only those hooks are cached);
+    ``cache`` maps every name in ``names`` to a float32 tensor on ``device`` (only those hooks are cached; a
+    model in bfloat16 / float16, or spread over devices by accelerate, gives the same float32 tensors);
     ``logits`` [b, seq, vocab] are float32. Runs under ``torch.no_grad``; on CUDA the forward runs in the
     model's own dtype (no autocast), so the numbers match the CPU path up to kernel differences.
     """
@@ -162,6 +163,6 @@ def iter_caches(model, tokens: torch.Tensor, names: list[str], batch_size: int =
         tok = tokens[start:start + batch_size].to(device)
         with torch.no_grad():
             logits, cache = model.run_with_cache(tok, names_filter=lambda name: name in wanted)
-            out = {k: cache[k].float() for k in names}
-        yield start, tok, out, logits.float()
+            out = {k: cache[k].to(device=device, dtype=torch.float32) for k in names}  # a spread model's
+        yield start, tok, out, logits.to(device=device, dtype=torch.float32)  # states come from several devices
         del cache, out, logits

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from meshprobe.analysis.pipeline.checkpoints import analyze_and_write
 from meshprobe.analysis.pipeline.outputs import display_names
-from meshprobe.analysis.pipeline.tokens import TokenRequest, check_token_shapes
+from meshprobe.analysis.pipeline.tokens import TokenRequest, check_same_text, check_token_shapes
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
 from meshprobe.errors import UserError
 from meshprobe.hf.hooked import CTX_FIELDS
@@ -24,20 +24,22 @@ from meshprobe.runtime import resolve_device
 __all__ = ["analyze_hf_dirs"]
 
 
-def _check(paths: list[Path], trust_remote_code: bool, spec, token_file, tokens_path, samples, seq_len):
+def _check(paths: list[Path], trust_remote_code: bool, spec, request: TokenRequest, tokens_path):
     """Every input validated before any model loads."""
     from meshprobe.hf import as_spec, read_hf_config
     from meshprobe.hf.loader import remote_code_reason, tokenizer_remote_reason
 
     configs = [read_hf_config(p) for p in paths]
     for p, config in zip(paths, configs):
-        reason = remote_code_reason(config) or (tokenizer_remote_reason(p) if token_file is None else None)
+        reason = remote_code_reason(config) or (tokenizer_remote_reason(p) if request.tokens is None else None)
         if reason and not trust_remote_code:
             raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
     if spec is not None:
         as_spec(spec)
     n_ctx = [next((c[k] for k in CTX_FIELDS if isinstance(c.get(k), int)), 1 << 40) for c in configs]
-    check_token_shapes([{"model": {"n_ctx": n}} for n in n_ctx], paths, token_file, tokens_path, samples, seq_len)
+    check_token_shapes([{"model": {"n_ctx": n}} for n in n_ctx], paths, request.tokens, tokens_path, request.samples,
+                       request.seq_len)
+    check_same_text(paths, configs, request, hf=True)  # different tokenizers compare only on the same text
 
 
 def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, spec=None,
@@ -47,25 +49,32 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
                     threads: int | None = None, lens_positions: int | None = 64, probes: bool = True,
                     baseline: bool = True, offsets: Sequence[int] | None = None, max_classes: int = 64,
                     l2_mode: str = "per_offset", progress: bool = True,
-                    on_result: Callable[[dict], None] | None = None) -> list[Path]:
+                    on_result: Callable[[dict], None] | None = None, dtype: str | None = None,
+                    device_map=None, max_memory: dict | None = None,
+                    offload_folder: str | os.PathLike | None = None) -> list[Path]:
     """Analyse transformers model directories and write ``out`` like
     :func:`~meshprobe.analysis.pipeline.checkpoints.analyze_checkpoints` (metrics.json, report.md, figures).
     ``spec``: a loop spec for every directory (default: the built-in one of each architecture); ``loops``: run
-    every model with this many loop steps. ``offsets``: None = DEFAULT_OFFSETS. Every input is checked before
-    any model loads. Returns the files."""
+    every model with this many loop steps. ``offsets``: None = DEFAULT_OFFSETS. ``dtype``: the weights' dtype
+    ("float32" / "bfloat16" / "float16"; default the checkpoint's own; the analyses accumulate in float32 and
+    float64 whatever it is). ``device_map`` / ``max_memory`` / ``offload_folder``: accelerate's big-model
+    inference for a model that does not fit one device (:func:`meshprobe.hf.loader.load`; the states are then
+    gathered on ``device``). Every input is checked before any model loads. Returns the files."""
     from meshprobe.hf import load
 
     paths = [Path(p) for p in dirs]
     request = TokenRequest(tokens, samples, seq_len, seed, data).opened()
-    _check(paths, trust_remote_code, spec, request.tokens, tokens, samples, seq_len)
+    _check(paths, trust_remote_code, spec, request, tokens)
     labels = display_names(names, paths)
-    dev = resolve_device(device)
+    dev = resolve_device(device)  # where the analysis runs (and the model, without a device_map)
+    big = dict(dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+               device=None if device_map is not None else dev)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"out={out} exists and is not a folder")
     return analyze_and_write(
         [(p, name, None) for p, name in zip(paths, labels)], out, labels,
-        lambda p, _: load(p, spec=spec, trust_remote_code=trust_remote_code, device=dev, loops=loops), request,
+        lambda p, _: load(p, spec=spec, trust_remote_code=trust_remote_code, loops=loops, **big), request,
         on_result, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
         offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes, l2_mode=l2_mode,
         progress=progress, seed=seed, threads=threads, lens_positions=lens_positions)

@@ -17,8 +17,9 @@
    the validation split of its training corpus (``data`` overrides it) through its own tokenizer.
 
 Windows drawn from a corpus do not overlap when the split is long enough. :func:`token_shape` finds what rule 4
-will give without loading the model, and :func:`check_same_text` refuses, before any work, a comparison of
-models whose tokenizers differ unless every model reads the same text.
+will give without loading the model. :func:`check_same_text` refuses, before any model loads, a comparison of
+models whose tokenizers differ unless every model reads the same text (``data``, or the same default corpus)
+through its own tokenizer: given ids, or each model's own token sample, are different text to each.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from meshprobe.errors import UserError
 
 __all__ = ["TokenRequest", "resolve_tokens", "given_tokens", "sample_tokens", "hf_sample_tokens", "task_batch",
            "load_token_file", "check_token_shapes", "token_shape", "bundled_tokens", "default_data_spec",
-           "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "DEFAULT_TASK_SEQUENCES", "BUNDLED_TOKENS"]
+           "check_same_text", "tokenizer_identity", "DEFAULT_SAMPLES", "DEFAULT_SEQ_LEN", "DEFAULT_TASK_SEQUENCES",
+           "BUNDLED_TOKENS"]
 
 DEFAULT_SAMPLES = 500
 DEFAULT_SEQ_LEN = 256
@@ -352,3 +354,61 @@ def _hf_dir_tokens(model, path, request: TokenRequest) -> tuple[torch.Tensor, st
     tokens = hf_sample_tokens(tokenizer, samples, seq_len, request.seed, request.data,
                               vocab_size=model.cfg.vocab_size)
     return tokens, f"validation split of {_spec_text(request.data or 'shakespeare')} (the model's tokenizer)"
+
+
+# ------------------------------------------------------------------------- comparisons across tokenizers
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def _vocab_size(config: Mapping) -> int | None:
+    model = config.get("model") if isinstance(config.get("model"), dict) else None
+    for c in (model, config, config.get("text_config")):
+        if isinstance(c, dict) and isinstance(c.get("vocab_size"), int):
+            return c["vocab_size"]
+    return None
+
+
+def tokenizer_identity(path: str | os.PathLike, config: Mapping) -> str:
+    """What makes two models' token ids mean the same text: a hash of the folder's tokenizer files
+    (tokenizer.json, ...; a checkpoint's newest complete save), or its vocabulary size when it has none."""
+    from meshprobe._io import committed_dir
+
+    folder = committed_dir(path, "config.json")
+    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not files:
+        return f"no tokenizer, vocab {_vocab_size(config)}"
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _text_read(path, config: Mapping, request: TokenRequest, hf: bool) -> str | None:
+    """The text a model reads without given tokens: a corpus spec, or None for its own token sample."""
+    if request.data:
+        return _spec_text(request.data)
+    if hf:
+        return "shakespeare"
+    return None if bundled_tokens(path) is not None else _spec_text(default_data_spec(config))
+
+
+def check_same_text(paths: Sequence, configs: Sequence[Mapping], request: TokenRequest, *, hf: bool = False
+                    ) -> None:
+    """Refuse, before any model loads, to compare models whose tokenizers differ (a different tokenizer file, or
+    none and another vocabulary size) unless each reads the same text through its own tokenizer: given token
+    ids are different text to each model, and so are their own validation samples."""
+    ids = [tokenizer_identity(p, c) for p, c in zip(paths, configs)]
+    other = next((i for i in range(1, len(ids)) if ids[i] != ids[0]), None)
+    if other is None:
+        return
+    a, b = paths[0], paths[other]
+    va, vb = _vocab_size(configs[0]), _vocab_size(configs[other])
+    what = f"vocab {va} and {vb}" if va != vb else "different tokenizer files"
+    fix = "compare them on the same text with data=SPEC (a corpus, through each model's own tokenizer)"
+    if request.tokens is not None:
+        raise UserError(f"tokens={request.label or 'given'}: {a} and {b} have different tokenizers ({what}), so the "
+                        f"same token ids are different text to each; {fix}")
+    texts = {_text_read(p, c, request, hf) for p, c in zip(paths, configs)}
+    if None in texts or len(texts) > 1:
+        raise UserError(f"{a} and {b} have different tokenizers ({what}) and would each read their own validation "
+                        f"text; {fix}")
