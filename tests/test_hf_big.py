@@ -11,11 +11,12 @@ import torch
 
 from meshprobe import hf
 from meshprobe.analysis.pipeline.analyze import analyze_model
+from meshprobe.analysis.pipeline.collect import iter_caches, state_spec
 from meshprobe.cli import main
 
 warnings.filterwarnings("ignore", message=".*causal_conv1d.*")
 
-BF16_U = 2.0 ** -8  # bfloat16's unit roundoff (8 significand bits)
+UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}  # 8 and 11 significand bits
 DIAGNOSTICS = ("update", "lens", "cka", "spectra", "effective_rank")
 
 
@@ -56,18 +57,24 @@ def _spread(dory, tmp_path):
                    offload_folder=tmp_path / "offload")
 
 
-def test_a_bfloat16_model_is_analysed_in_float(dory):
+@pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF))
+def test_a_half_precision_model_is_analysed_in_float(dory, dtype):
     x = torch.from_numpy(np.load(dory["tokens"]))
     full = dict(_flat(analyze_model(hf.load(dory["dir"]), x, baseline=False, **KW)))
-    model = hf.load(dory["dir"], dtype="bfloat16")
-    assert next(model.parameters()).dtype == torch.bfloat16
+    model = hf.load(dory["dir"], dtype=dtype)
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
     half = dict(_flat(analyze_model(model, x, baseline=False, **KW)))
     assert full.keys() == half.keys() and all(math.isfinite(v) for k, v in half.items() if "p_value" not in k)
     close = [k for k in full if k.split("/")[1] in DIAGNOSTICS and math.isfinite(full[k])]
     assert len(close) > 100
-    # Each diagnostic is a mean of norms / losses over many bfloat16 products: a few roundoffs of its own size
+    # Each diagnostic is a mean of norms / losses over many half-precision products: a few roundoffs of its size
+    # (measured: at most 0.15 u (1 + |x|) on this model)
+    u = UNIT_ROUNDOFF[dtype]
     for k in close:
-        assert half[k] == pytest.approx(full[k], rel=8 * BF16_U, abs=8 * BF16_U), k
+        assert half[k] == pytest.approx(full[k], rel=4 * u, abs=4 * u), k
+    # what every accumulator is fed: float32 states and logits, whatever the weights' dtype
+    _, _, cache, logits = next(iter_caches(model, x, state_spec(model).hook_names(), 4))
+    assert logits.dtype == torch.float32 and {v.dtype for v in cache.values()} == {torch.float32}
 
 
 def test_part_of_the_model_on_disk_gives_the_same_loop_states(dory, tmp_path):
