@@ -108,3 +108,21 @@ def test_cli_dtype_and_device_map(dory, tmp_path, capsys):
                  "--offload-folder", str(tmp_path / "off")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "need --device-map auto" in err[0] and not (tmp_path / "p").exists()
+
+
+def test_big_model_flags_refused_in_one_line(dory, tmp_path, capsys):
+    from conftest import tiny_cfg
+
+    from meshprobe import build_model, save_checkpoint
+
+    ckpt = save_checkpoint(build_model(tiny_cfg()), tmp_path / "ckpt")
+    cases = [([str(ckpt), "--dtype", "bfloat16"], "--dtype applies to transformers model directories only"),
+             ([str(ckpt), "--device-map", "auto"], "--device-map applies to transformers model directories only"),
+             ([str(dory["dir"]), "--device-map", "auto", "--max-memory", "cpu"], "--max-memory takes DEV=SIZE"),
+             ([str(dory["dir"]), "--max-memory", "cpu=1GiB"], "need --device-map auto")]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["analyze", *args, "--tokens", str(dory["tokens"]), "--out", str(tmp_path / "o")]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (args, err)
+        assert not (tmp_path / "o").exists()
