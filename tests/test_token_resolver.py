@@ -50,8 +50,9 @@ def test_given_tokens_are_cut_and_checked(kinds):
         resolve_tokens(model, None, TokenRequest(arr, samples=7))
     with pytest.raises(UserError, match=r"token ids must lie in \[0, 300\)"):
         resolve_tokens(model, None, TokenRequest(arr + 300))
-    with pytest.raises(UserError, match="must be integers"):
-        given_tokens(TokenRequest(arr.astype(np.float32)))
+    for bad in (arr.astype(np.float32), arr.astype(str), torch.from_numpy(arr.astype(np.float32))):
+        with pytest.raises(UserError, match="must be integers"):
+            given_tokens(TokenRequest(bad))
 
 
 def test_a_checkpoint_reads_its_own_sample_unless_data_is_given(kinds):
@@ -178,6 +179,8 @@ def _dory_dir(path, tokenizer_text):
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
         num_key_value_heads=1, head_dim=16, n_input_layers=1, n_output_layers=1, n_recurrent_loops=2,
         sliding_window=8, max_position_embeddings=64)).save_pretrained(path)
+    if tokenizer_text is None:
+        return path
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator([tokenizer_text] * 5, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
@@ -200,3 +203,11 @@ def test_transformers_directories_with_different_tokenizers(tmp_path, capsys):
                  "--no-probes", "--no-progress"]) == 0
     models = json.loads((tmp_path / "o" / "metrics.json").read_text())["models"]
     assert {m["data"]["source"] for m in models} == {"validation split of shakespeare (the model's tokenizer)"}
+
+
+def test_a_directory_without_a_tokenizer_names_the_flag(tmp_path, capsys):
+    bare = _dory_dir(tmp_path / "bare", None)
+    capsys.readouterr()
+    assert main(["analyze", str(bare), "--data", "shakespeare", "--out", str(tmp_path / "o")]) == 2
+    err = _one_error(capsys)
+    assert "has no tokenizer" in err and "(--tokens FILE.npy)" in err and not (tmp_path / "o").exists()

@@ -51,7 +51,7 @@ CHUNK_CHARS = 100_000  # one tokenizer call per chunk (one huge string was measu
 class TokenRequest:
     """What the caller asked for (the same for every model of a run); :func:`resolve_tokens` turns it into the
     tokens of one model. ``tokens``: a .npy path, an integer array or tensor [N, seq], or None; ``label``: how
-    given tokens are named in metrics.json (default: their path)."""
+    given tokens are named in metrics.json (default: their path, else "tokens given to analyze_model")."""
 
     tokens: Any = None
     samples: int | None = None
@@ -105,7 +105,9 @@ def given_tokens(request: TokenRequest, *, n_ctx: int | None = None, where=None)
                        arr, label, request.samples, request.seq_len)
     rows = arr[:request.samples, :request.seq_len]
     if isinstance(rows, np.ndarray):  # integer arrays of any width -> int64 (only the rows used are copied)
-        rows = torch.from_numpy(rows.astype(np.int64) if rows.dtype.kind in "iu" else np.ascontiguousarray(rows))
+        if rows.dtype.kind not in "iu":
+            raise UserError(f"tokens must be integers, got {rows.dtype}")
+        rows = torch.from_numpy(rows.astype(np.int64))
     if rows.dtype.is_floating_point or rows.dtype == torch.bool or rows.is_complex():
         raise UserError(f"tokens must be integers, got {rows.dtype}")
     rows = rows.long().contiguous()
@@ -199,7 +201,7 @@ def sample_tokens(ckpt, samples: int = 500, seq_len: int = 256, seed: int = 0, d
         tok = tokenizer
         where = "the model"
     if tok is None:
-        raise UserError(f"{where} has no tokenizer.json: pass pre-tokenized sequences (tokens)")
+        raise UserError(f"{where} has no tokenizer.json: pass pre-tokenized sequences (tokens=FILE.npy)")
     n_ctx = config["model"]["n_ctx"]
     if seq_len > n_ctx:
         raise UserError(f"seq_len {seq_len} is above the model context n_ctx={n_ctx}")
@@ -244,12 +246,12 @@ def _checkpoint_tokens(model, path, request: TokenRequest) -> tuple[torch.Tensor
 
 def _no_tokenizer(path) -> UserError:
     return UserError(f"{path or 'the model'} has no tokenizer.json and no {BUNDLED_TOKENS}: pass pre-tokenized "
-                     "sequences (tokens)")
+                     "sequences (tokens=FILE.npy)")
 
 
 def _corpus_unreadable(path, exc: UserError) -> UserError:
-    return UserError(f"{path}: its training corpus cannot be read here ({exc}); pass data (a corpus spec) or "
-                     "tokens (a .npy file)")
+    return UserError(f"{path}: its training corpus cannot be read here ({exc}); pass data=SPEC (a corpus) or "
+                     "tokens=FILE.npy")
 
 
 def token_shape(path: str | os.PathLike, config: Mapping, *, token_file: np.ndarray | None = None,
@@ -348,7 +350,7 @@ def _hf_dir_tokens(model, path, request: TokenRequest) -> tuple[torch.Tensor, st
     path = path if path is not None else getattr(model, "checkpoint_dir", None)
     tokenizer = load_tokenizer(path, trust_remote_code=model.trust_remote_code) if path is not None else None
     if tokenizer is None:
-        raise UserError(f"{path or 'the model'} has no tokenizer: pass pre-tokenized sequences (tokens)")
+        raise UserError(f"{path or 'the model'} has no tokenizer: pass pre-tokenized sequences (tokens=FILE.npy)")
     samples = request.samples if request.samples is not None else DEFAULT_SAMPLES
     seq_len = request.seq_len if request.seq_len is not None else min(DEFAULT_SEQ_LEN, model.cfg.n_ctx)
     tokens = hf_sample_tokens(tokenizer, samples, seq_len, request.seed, request.data,
