@@ -39,6 +39,10 @@ lens do not apply and are skipped (metrics.json ``notes`` says so).
 
     meshprobe analyze path/to/dory --out figures/dory --loops 6
 
+A model too big for one device: ``--dtype bfloat16`` (or float16 / float32; the analyses accumulate in float32 /
+float64 whatever it is) and ``--device-map auto`` (accelerate: GPUs, CPU, then disk in ``--offload-folder``,
+each bounded by ``--max-memory 0=20GiB,cpu=60GiB``); the states are gathered on ``--device``.
+
 Task checkpoints (trained with ``--data task:...``; or ``--data task:...`` given here): the ground-truth
 analyses instead (:mod:`meshprobe.analysis.ground_truth`: the t x t' latent map, retention, lens accuracy,
 patching) on ``--samples`` evaluation sequences (default 256) of ``--seed``, written as ``ground_truth.json``
