@@ -206,6 +206,11 @@ def _run_hf(args, done) -> int:
         check_hf_dir(p, spec=args.loop_spec, loops=args.loops[0] if args.loops else None, tokens=bool(args.tokens),
                      trust_remote_code=args.trust_remote_code, batch_size=batch,
                      seq_len=args.seq_len or cols or DEFAULT_SEQ_LEN, dtype=args.dtype, spread=bool(args.device_map))
+    from meshprobe.analysis.pipeline.texts import check_same_text
+    from meshprobe.hf.loader import read_hf_config
+
+    check_same_text(args.checkpoints, [read_hf_config(p) for p in args.checkpoints], tokens=args.tokens,
+                    data=args.data, hf=True)  # tokenizers that differ: the same text only
     from meshprobe.analysis.pipeline.hf_dirs import analyze_hf_dirs
 
     _refuse_remote_code(args.checkpoints, args.trust_remote_code, args.tokens)
@@ -259,13 +264,16 @@ def _remote_code_errors(args):
 
 
 def _check_checkpoints(args) -> None:
-    """Every checkpoint's config.json, and --loops against it, before torch loads."""
+    """Every checkpoint's config.json, --loops against it, and tokenizers that differ (compared only on the same
+    text), before torch loads."""
     from meshprobe.checkpoint import check_loops, read_checkpoint_config
 
-    for p in args.checkpoints:
-        read_checkpoint_config(p)
-        if args.loops:
-            check_loops(p, args.loops)
+    configs = [read_checkpoint_config(p) for p in args.checkpoints]
+    for p in args.checkpoints if args.loops else []:
+        check_loops(p, args.loops)
+    from meshprobe.analysis.pipeline.texts import check_same_text
+
+    check_same_text(args.checkpoints, configs, tokens=args.tokens, data=args.data)  # tokenizers that differ
 
 
 def _is_task_run(args) -> bool:

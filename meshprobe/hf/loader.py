@@ -274,18 +274,13 @@ def tokenizer_remote_reason(path: str | os.PathLike) -> str | None:
     return "its tokenizer maps to remote code (auto_map in tokenizer_config.json)" if mapped else None
 
 
-def has_tokenizer(path: str | os.PathLike) -> bool:
-    """Whether the model directory ships a tokenizer (what :func:`load_tokenizer` looks for)."""
-    return any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     """The model directory's own tokenizer (``AutoTokenizer``, local files only), or None if it has none."""
     p = Path(path)
     reason = remote_code_reason(read_hf_config(p))
     if reason and not trust_remote_code:
         raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
-    if not has_tokenizer(p):
+    if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     reason = tokenizer_remote_reason(p)
     if reason and not trust_remote_code:

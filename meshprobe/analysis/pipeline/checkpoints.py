@@ -71,7 +71,7 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     labels = [name for _, name, _ in runs]
     dev = resolve_device(device)
     request = TokenRequest(tokens, samples, seq_len, seed, data).opened()
-    check_same_text(paths, configs, request)  # different tokenizers compare only on the same text
+    check_same_text(paths, configs, tokens=tokens and str(tokens), data=data)  # tokenizers that differ: same text
     check_token_shapes(configs, paths, request.tokens, tokens, samples, seq_len)
     out = Path(out)
     _check_inputs(paths, configs, out, offsets, token_file=request.tokens, samples=samples, seq_len=seq_len,

@@ -27,21 +27,22 @@ __all__ = ["analyze_hf_dirs"]
 def _check(paths: list[Path], trust_remote_code: bool, spec, request: TokenRequest, tokens_path):
     """Every input validated before any model loads."""
     from meshprobe.hf import as_spec, read_hf_config
-    from meshprobe.hf.loader import has_tokenizer, remote_code_reason, tokenizer_remote_reason
+    from meshprobe.hf.checks import TOKENIZER_FILES
+    from meshprobe.hf.loader import remote_code_reason, tokenizer_remote_reason
 
     configs = [read_hf_config(p) for p in paths]
     for p, config in zip(paths, configs):
         reason = remote_code_reason(config) or (tokenizer_remote_reason(p) if request.tokens is None else None)
         if reason and not trust_remote_code:
             raise UserError(f"{p}: {reason}; it runs only with trust_remote_code=True")
-        if request.tokens is None and not has_tokenizer(p):
+        if request.tokens is None and not any((p / name).is_file() for name in TOKENIZER_FILES):
             raise UserError(f"{p} has no tokenizer: pass pre-tokenized sequences (tokens=FILE.npy)")
     if spec is not None:
         as_spec(spec)
     n_ctx = [next((c[k] for k in CTX_FIELDS if isinstance(c.get(k), int)), 1 << 40) for c in configs]
     check_token_shapes([{"model": {"n_ctx": n}} for n in n_ctx], paths, request.tokens, tokens_path, request.samples,
                        request.seq_len)
-    check_same_text(paths, configs, request, hf=True)  # different tokenizers compare only on the same text
+    check_same_text(paths, configs, tokens=tokens_path and str(tokens_path), data=request.data, hf=True)
 
 
 def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, spec=None,

@@ -17,13 +17,12 @@
    the validation split of its training corpus (``data`` overrides it) through its own tokenizer.
 
 Windows drawn from a corpus do not overlap when the split is long enough. :func:`token_shape` finds what rule 4
-will give without loading the model. :func:`check_same_text` refuses, before any model loads, a comparison of
-models whose tokenizers differ unless every model reads the same text (``data``, or the same default corpus)
-through its own tokenizer: given ids, or each model's own token sample, are different text to each.
+will give without loading the model. :func:`~meshprobe.analysis.pipeline.texts.check_same_text` (torch-free)
+refuses, before any model loads, a comparison of models whose tokenizers differ unless every model reads the same
+text (``data``, or the same default corpus) through its own tokenizer.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +32,8 @@ import numpy as np
 import torch
 
 from meshprobe.analysis.pipeline.collect import check_tokens
-from meshprobe.checkpoint import VAL_TOKENS_FILE as BUNDLED_TOKENS
+from meshprobe.analysis.pipeline.texts import (BUNDLED_TOKENS, bundled_tokens, check_same_text, default_data_spec,
+                                               spec_text, tokenizer_identity)
 from meshprobe.errors import UserError
 
 __all__ = ["TokenRequest", "resolve_tokens", "given_tokens", "sample_tokens", "hf_sample_tokens", "task_batch",
@@ -155,30 +155,6 @@ def check_token_shapes(configs: Sequence[Mapping], paths: Sequence, token_file, 
 
 
 # ------------------------------------------------------------------------------------- meshprobe checkpoints
-def bundled_tokens(path: str | os.PathLike) -> Path | None:
-    """The checkpoint's own validation sample (``val_tokens.npy`` in its folder), if it ships one."""
-    f = Path(path) / BUNDLED_TOKENS
-    return f if f.is_file() else None
-
-
-def default_data_spec(config: Mapping[str, Any]):
-    """The corpus a checkpoint was trained on (its train metadata), else shakespeare."""
-    meta = config.get("metadata") or {}
-    train = meta.get("train") or {}
-    if train.get("data"):
-        return train["data"]
-    data = meta.get("data") or {}
-    if isinstance(data, dict) and data.get("spec"):
-        return data["spec"]
-    if isinstance(data, (str, list)) and data:
-        return data
-    return "shakespeare"
-
-
-def _spec_text(spec) -> str:
-    return spec if isinstance(spec, str) else " + ".join(spec)
-
-
 def sample_tokens(ckpt, samples: int = 500, seq_len: int = 256, seed: int = 0, data=None, *, tokenizer=None,
                   split: str = "val") -> torch.Tensor:
     """``samples`` windows of ``seq_len`` tokens drawn deterministically (``seed``) from the validation split
@@ -241,7 +217,7 @@ def _checkpoint_tokens(model, path, request: TokenRequest) -> tuple[torch.Tensor
         if data:
             raise
         raise _corpus_unreadable(path, exc) from None
-    return tokens, f"validation split of {_spec_text(spec)}"
+    return tokens, f"validation split of {spec_text(spec)}"
 
 
 def _no_tokenizer(path) -> UserError:
@@ -355,62 +331,4 @@ def _hf_dir_tokens(model, path, request: TokenRequest) -> tuple[torch.Tensor, st
     seq_len = request.seq_len if request.seq_len is not None else min(DEFAULT_SEQ_LEN, model.cfg.n_ctx)
     tokens = hf_sample_tokens(tokenizer, samples, seq_len, request.seed, request.data,
                               vocab_size=model.cfg.vocab_size)
-    return tokens, f"validation split of {_spec_text(request.data or 'shakespeare')} (the model's tokenizer)"
-
-
-# ------------------------------------------------------------------------- comparisons across tokenizers
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")
-
-
-def _vocab_size(config: Mapping) -> int | None:
-    model = config.get("model") if isinstance(config.get("model"), dict) else None
-    for c in (model, config, config.get("text_config")):
-        if isinstance(c, dict) and isinstance(c.get("vocab_size"), int):
-            return c["vocab_size"]
-    return None
-
-
-def tokenizer_identity(path: str | os.PathLike, config: Mapping) -> str:
-    """What makes two models' token ids mean the same text: a hash of the folder's tokenizer files
-    (tokenizer.json, ...; a checkpoint's newest complete save), or its vocabulary size when it has none."""
-    from meshprobe._io import committed_dir
-
-    folder = committed_dir(path, "config.json")
-    files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
-    if not files:
-        return f"no tokenizer, vocab {_vocab_size(config)}"
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def _text_read(path, config: Mapping, request: TokenRequest, hf: bool) -> str | None:
-    """The text a model reads without given tokens: a corpus spec, or None for its own token sample."""
-    if request.data:
-        return _spec_text(request.data)
-    if hf:
-        return "shakespeare"
-    return None if bundled_tokens(path) is not None else _spec_text(default_data_spec(config))
-
-
-def check_same_text(paths: Sequence, configs: Sequence[Mapping], request: TokenRequest, *, hf: bool = False
-                    ) -> None:
-    """Refuse, before any model loads, to compare models whose tokenizers differ (a different tokenizer file, or
-    none and another vocabulary size) unless each reads the same text through its own tokenizer: given token
-    ids are different text to each model, and so are their own validation samples."""
-    ids = [tokenizer_identity(p, c) for p, c in zip(paths, configs)]
-    other = next((i for i in range(1, len(ids)) if ids[i] != ids[0]), None)
-    if other is None:
-        return
-    a, b = paths[0], paths[other]
-    va, vb = _vocab_size(configs[0]), _vocab_size(configs[other])
-    what = f"vocab {va} and {vb}" if va != vb else "different tokenizer files"
-    fix = "compare them on the same text with data=SPEC (a corpus, through each model's own tokenizer)"
-    if request.tokens is not None:
-        raise UserError(f"tokens={request.label or 'given'}: {a} and {b} have different tokenizers ({what}), so the "
-                        f"same token ids are different text to each; {fix}")
-    texts = {_text_read(p, c, request, hf) for p, c in zip(paths, configs)}
-    if None in texts or len(texts) > 1:
-        raise UserError(f"{a} and {b} have different tokenizers ({what}) and would each read their own validation "
-                        f"text; {fix}")
+    return tokens, f"validation split of {spec_text(request.data or 'shakespeare')} (the model's tokenizer)"
