@@ -1,12 +1,13 @@
 """What the crosscoder of one model reads: the model (a meshprobe checkpoint, a ground-truth task checkpoint
 or a transformers looped directory), its tokens, and how to show a token context.
 
-* text checkpoints: :func:`~meshprobe.analysis.pipeline.analyze.checkpoint_tokens` (a token file, else the
-  checkpoint's own ``val_tokens.npy``, else windows of its corpus), contexts through its tokenizer;
+Tokens come from the one token resolver (:func:`~meshprobe.analysis.pipeline.tokens.resolve_tokens`):
+
+* text checkpoints: a token file, else the checkpoint's own ``val_tokens.npy``, else windows of its corpus;
+  contexts through its tokenizer;
 * task checkpoints (metadata ``task``): a fresh evaluation set of the task (``samples`` sequences), with the
   targets (the answer of each position) and the hop latents; contexts as symbol ids;
-* transformers directories: :func:`~meshprobe.analysis.pipeline.hf_dirs.dir_tokens`, contexts through the
-  directory's tokenizer.
+* transformers directories: windows of ``data`` through the directory's tokenizer; contexts through it.
 """
 from __future__ import annotations
 
@@ -60,41 +61,19 @@ def model_input(model, path: Path | None, *, tokens=None, samples: int | None = 
                 data=None, seed: int = 0) -> ModelInput:
     """The tokens a model's crosscoder reads (see the module docstring); ``tokens``: an array / tensor or a
     .npy path that overrides the default."""
-    from meshprobe.analysis.pipeline.analyze import _rows, checkpoint_tokens, load_token_file
+    from meshprobe.analysis.pipeline.tokens import TokenRequest, resolve_tokens, task_batch
 
-    cfg = model.cfg
-    is_hf = getattr(cfg, "is_hf", False)
+    is_hf = getattr(model.cfg, "is_hf", False)
     task = None if is_hf else (getattr(model, "checkpoint_config", None) or {}).get("metadata", {}).get("task")
-    if task is not None and tokens is None:
-        return _task_input(task, samples, seed)
-    decode = _decoder(model, path, is_hf)
-    if isinstance(tokens, (str, os.PathLike)):
-        arr = load_token_file(tokens)
-        if seq_len and seq_len > arr.shape[1]:
-            raise UserError(f"seq_len={seq_len} is above the {arr.shape[1]} columns of {tokens}")
-        rows = _rows(arr, samples, seq_len)
-        source = f"{tokens} (rows 0..{rows.shape[0] - 1}, {rows.shape[1]} tokens)"
-    elif tokens is not None:
-        rows, source = torch.as_tensor(tokens)[:samples, :seq_len].long(), "given tokens"
-    elif is_hf:
-        from meshprobe.analysis.pipeline.hf_dirs import dir_tokens
-
-        rows, source = dir_tokens(model, path, samples=samples, seq_len=seq_len, seed=seed, data=data)
-    else:
-        rows, source = checkpoint_tokens(model, path, samples=samples, seq_len=seq_len, seed=seed, data=data)
-    from meshprobe.analysis.pipeline.collect import check_tokens
-
-    return ModelInput(check_tokens(rows, cfg), source, decode)
-
-
-def _task_input(entry: dict, samples: int | None, seed: int) -> ModelInput:
-    from meshprobe.data import tasks
-
-    spec = tasks.task_from_entry(entry)
-    batch = tasks.eval_set(spec, samples or DEFAULT_TASK_SAMPLES, seed=seed)
-    return ModelInput(torch.from_numpy(batch.tokens), f"{samples or DEFAULT_TASK_SAMPLES} fresh sequences of "
-                      f"{spec.spec_string()} (seed {seed})", _ids, targets=torch.from_numpy(batch.targets),
-                      latents=torch.from_numpy(batch.latents), task=spec.entry())
+    if task is not None and tokens is None:  # the resolver's task rule, with the targets and latents kept
+        samples = samples or DEFAULT_TASK_SAMPLES
+        batch, spec = task_batch(model, TokenRequest(samples=samples, seed=seed))
+        return ModelInput(torch.from_numpy(batch.tokens), f"{samples} fresh sequences of {spec.spec_string()} "
+                          f"(seed {seed})", _ids, targets=torch.from_numpy(batch.targets),
+                          latents=torch.from_numpy(batch.latents), task=spec.entry())
+    label = None if isinstance(tokens, (str, os.PathLike)) else "given tokens"  # a path names itself
+    rows, source = resolve_tokens(model, path, TokenRequest(tokens, samples, seq_len, seed, data, label))
+    return ModelInput(rows, source, _decoder(model, path, is_hf))
 
 
 def _decoder(model, path: Path | None, is_hf: bool) -> Callable[[list[int]], str]:
