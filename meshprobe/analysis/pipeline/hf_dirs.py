@@ -24,13 +24,15 @@ from meshprobe.runtime import resolve_device
 __all__ = ["analyze_hf_dirs"]
 
 
-def _check(paths: list[Path], trust_remote_code: bool, spec, request: TokenRequest, tokens_path):
-    """Every input validated before any model loads."""
-    from meshprobe.hf import as_spec, read_hf_config
-    from meshprobe.hf.checks import TOKENIZER_FILES
+def _check(paths: list[Path], trust_remote_code: bool, spec, request: TokenRequest, tokens_path, loops=None):
+    """Every input validated before any model loads (each directory's config, weights and loop count too, so a
+    damaged second directory is refused before the first one is analyzed)."""
+    from meshprobe.hf import as_spec
+    from meshprobe.hf.checks import TOKENIZER_FILES, check_hf_dir
     from meshprobe.hf.loader import remote_code_reason, tokenizer_remote_reason
 
-    configs = [read_hf_config(p) for p in paths]
+    configs = [check_hf_dir(p, spec=spec, loops=loops, trust_remote_code=trust_remote_code,
+                            tokens=request.tokens is not None, spread=True) for p in paths]
     for p, config in zip(paths, configs):
         reason = remote_code_reason(config) or (tokenizer_remote_reason(p) if request.tokens is None else None)
         if reason and not trust_remote_code:
@@ -67,7 +69,7 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
 
     paths = [Path(p) for p in dirs]
     request = TokenRequest(tokens, samples, seq_len, seed, data).opened()
-    _check(paths, trust_remote_code, spec, request, tokens)
+    _check(paths, trust_remote_code, spec, request, tokens, loops)
     labels = display_names(names, paths)
     dev = resolve_device(device)  # where the analysis runs (and the model, without a device_map)
     big = dict(dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
