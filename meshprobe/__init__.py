@@ -9,6 +9,7 @@ The notebook API, ``import meshprobe as mp``:
     m = mp.analyze("checkpoints/loop3-mesh", samples=64)        # a dict of metrics; m.plot("out/")
     mp.metrics.relative_update(f_h, h); mp.probes.token_probe(...)
     mp.features.train_crosscoder(acts, n_features=512, k=16)    # a loop crosscoder: features across loop steps
+    mp.dynamics.spectrum(mp.dynamics.loop_map(model, tokens, t), h)   # the loop step's Jacobian spectrum
     model_cfg, train_cfg = mp.load_config("tiny", {"steps": 200}); mp.train(model_cfg, train_cfg, "runs/tiny")
 
 Heavy modules (torch, transformer-lens) load on first use, so ``meshprobe --help`` stays fast. Nothing here
@@ -42,11 +43,11 @@ _EXPORTS = {
     "Metrics": "meshprobe.analysis.pipeline.analyze",
 }
 _MODULES = {"metrics": "meshprobe.analysis.metrics", "probes": "meshprobe.analysis.probes",
-            "features": "meshprobe.features"}
+            "features": "meshprobe.features", "dynamics": "meshprobe.dynamics"}
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load lazily below
-    from meshprobe import features  # noqa: F401
+    from meshprobe import dynamics, features  # noqa: F401
     from meshprobe.analysis import metrics, probes  # noqa: F401
     from meshprobe.analysis.pipeline.analyze import Metrics, analyze, analyze_model  # noqa: F401
     from meshprobe.analysis.pipeline.tokens import sample_tokens  # noqa: F401

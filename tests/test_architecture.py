@@ -15,6 +15,7 @@ LAYERS = [
     {"mesh", "model"},
     {"checkpoint"},
     {"evaluate", "training", "hf"},
+    {"dynamics"},
     {"analysis"},
     {"features"},
     {"paper"},
