@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from meshprobe.dynamics import exits as exits_mod
-from meshprobe.dynamics import lens as lens_mod
+from meshprobe.dynamics.exits import exits
+from meshprobe.dynamics.lens import TunedLens, fingerprint, fit_tuned_lens, lens_kl, load_lens
 from meshprobe.dynamics.maps import check_step, is_hf
 from meshprobe.dynamics.trajectory import answer_stats, check_steps, describe, run
 from meshprobe.errors import UserError
@@ -34,9 +34,9 @@ def dynamics_section(model, tokens: torch.Tensor, targets: torch.Tensor | None =
     traj = describe(model, tokens, r, k=k, iters=iters, seed=seed, targets=targets.cpu(), every=every)
     K = min(r.trained_loops, steps)
     gates = r.gates
-    out_exits = {"trained": exits_mod.exits(r.logits, r.states, horizon=K, gates=gates, targets=targets.cpu())}
+    out_exits = {"trained": exits(r.logits, r.states, horizon=K, gates=gates, targets=targets.cpu())}
     if steps > K:
-        out_exits["all_steps"] = exits_mod.exits(r.logits, r.states, gates=gates, targets=targets.cpu())
+        out_exits["all_steps"] = exits(r.logits, r.states, gates=gates, targets=targets.cpu())
     return {"trajectory": traj, "exits": out_exits, "spectrum": {"k": k, "iters": iters, "seed": seed}}
 
 
@@ -77,8 +77,8 @@ def lens_section(model, tokens: torch.Tensor, lens=None, fit_steps: int = 100, s
     check_model(model)
     if tokens.shape[0] < 2:
         raise UserError(f"the tuned lens needs >= 2 sequences (fit on 3/4, score on 1/4), got {tokens.shape[0]}")
-    if lens is not None and not isinstance(lens, lens_mod.TunedLens):
-        lens = lens_mod.load_lens(lens, model)
+    if lens is not None and not isinstance(lens, TunedLens):
+        lens = load_lens(lens, model)
     names, states, h_out, final = lens_states(model, tokens)
     if lens is not None and lens.steps != names:
         raise UserError(f"lens: fitted on states {lens.steps}, this model has {names}")
@@ -88,10 +88,10 @@ def lens_section(model, tokens: torch.Tensor, lens=None, fit_steps: int = 100, s
     readout = model.readout
     fitted = lens is None
     if fitted:
-        lens = lens_mod.fit_tuned_lens(states[:, :n_train].reshape(S, -1, d), final[:n_train].reshape(-1, V),
+        lens = fit_tuned_lens(states[:, :n_train].reshape(S, -1, d), final[:n_train].reshape(-1, V),
                                        readout, h_out[:n_train].reshape(-1, d), step_names=names,
-                                       model=lens_mod.fingerprint(model), steps=fit_steps, seed=seed)
-    kl = lens_mod.lens_kl(lens, states[:, n_train:].reshape(S, -1, d), final[n_train:].reshape(-1, V), readout)
+                                       model=fingerprint(model), steps=fit_steps, seed=seed)
+    kl = lens_kl(lens, states[:, n_train:].reshape(S, -1, d), final[n_train:].reshape(-1, V), readout)
     kl["coda"] = _coda_kl(model, states[:, n_train:], final[n_train:])
     return lens, {"states": names, "kl": kl, "fitted": fitted, "n_train": n_train, "n_test": n_test,
                   "fit_steps": fit_steps if fitted else None}
