@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from meshprobe._io import write_text
+from meshprobe.analysis.report_dynamics import dynamics_lines
 
 __all__ = ["render_report", "write_report"]
 
@@ -65,6 +66,7 @@ def _model_section(m: dict) -> list[str]:
     r = m.get("router")
     if r:
         lines.append(_router_line(r))
+    lines += dynamics_lines(m)
     for note in m.get("notes", []):
         lines.append(f"- _Note_: {note}.")
     lines.append("")

@@ -208,10 +208,80 @@ METRICS_KEYS: dict[str, str] = {
     "models[].notes": "notes: analyses skipped and why, conventions",
 }
 
+# `meshprobe analyze --dynamics` / `--tuned-lens` (meshprobe.dynamics.analyze); written only when asked for
+_ORBIT = {
+    "rel_update": "[T] ||h^(t+1) - h^(t)|| / ||h^(t)|| per step (norms per sequence over [seq, d], mean over sequences)",
+    "dist_to_last": "[T+1] ||h^(t) - h^(T)|| / ||h^(T)||, t = 0..T",
+    "labels": "per sequence: contracting, cycling or drifting",
+    "period": "per sequence: the period p found at the end of the run (1 = fixed point, 0 = none up to 6)",
+    "shrink_rate": "per sequence: geometric mean of the step-size ratio over the last 4 steps (< 0.95: contracting)",
+    "label": "the majority label",
+}
+_EXIT_ROW = {
+    "mean_exit": "mean exit step (1..horizon)",
+    "compute_saved": "1 - mean exit step / horizon",
+    "answer_changed": "share of positions whose argmax at the exit differs from the reference (the answer at the horizon)",
+    "kl_lost": "KL(reference || answer at the exit), nats, mean over positions",
+    "premature": "share of positions exiting before their answer settles",
+    "accuracy": "next-token (or task) accuracy of the answer at the exit",
+    "accuracy_full": "the same at the horizon",
+}
+_EXIT_SETS = {"trained": "scored up to the trained K", "all_steps": "scored over every step run (when more than K)"}
+DYNAMICS_KEYS: dict[str, str] = {
+    "models[].dynamics": "loop dynamics (--dynamics; absent without it): a trajectory past K, spectra, exit rules",
+    "models[].dynamics.spectrum": "settings of the Jacobian spectra",
+    "models[].dynamics.spectrum.k": "singular values / eigenvalues estimated per step",
+    "models[].dynamics.spectrum.iters": "Lanczos and Arnoldi iterations per step",
+    "models[].dynamics.spectrum.seed": "seed of the start vectors",
+    "models[].dynamics.trajectory": "the loop run T steps from the model's own h^(0) (T = 4K or the model's limit)",
+    "models[].dynamics.trajectory.steps": "T, loop steps run",
+    "models[].dynamics.trajectory.trained_loops": "K, the trained loop count",
+    "models[].dynamics.trajectory.n_sequences": "sequences run",
+    "models[].dynamics.trajectory.step_size": "[T] ||h^(t+1) - h^(t)||, mean over sequences",
+    "models[].dynamics.trajectory.state_norm": "[T+1] ||h^(t)||, mean over sequences",
+    **{f"models[].dynamics.trajectory.{k}": v for k, v in _ORBIT.items()},
+    **{f"models[].dynamics.trajectory.{k}_dir": v + " -- of the directions (each position's state at unit norm)"
+       for k, v in _ORBIT.items()},
+    "models[].dynamics.trajectory.sigma1": "[T] top singular value of the Jacobian of step t at h^(t), mean over sequences",
+    "models[].dynamics.trajectory.rho": "[T] spectral radius of that Jacobian (Arnoldi), mean over sequences",
+    "models[].dynamics.trajectory.sigma1_dir": "[T] sigma_1 of the step on directions (norms held at h^(t)'s)",
+    "models[].dynamics.trajectory.rho_dir": "[T] rho of the step on directions",
+    "models[].dynamics.trajectory.answer": "the answer read after each step (coda lens; transformers: readout)",
+    "models[].dynamics.trajectory.answer.agree_trained": "[T] share of positions whose argmax equals the output at K",
+    "models[].dynamics.trajectory.answer.agree_last": "[T] share of positions whose argmax equals the one after T steps",
+    "models[].dynamics.trajectory.answer.kl_trained": "[T] KL(output at K || answer after t steps), nats",
+    "models[].dynamics.trajectory.answer.accuracy": "[T] next-token accuracy of the answer after t steps",
+    "models[].dynamics.trajectory.answer.loss": "[T] next-token cross-entropy of the answer after t steps (nats)",
+    "models[].dynamics.exits": "exit rules (Huginn's six, two-hit acceleration, Ouro's gate, oracle) and their cost",
+    **{f"models[].dynamics.exits.{s}": v for s, v in _EXIT_SETS.items()},
+    **{f"models[].dynamics.exits.{s}.{k}": v for s in _EXIT_SETS for k, v in {
+        "horizon": "H, the last step an exit can take; the reference answer is the one after H steps",
+        "thresholds": "{rule: threshold}", "thresholds.*": "one rule's threshold",
+        "settle_mean": "mean step from which the argmax stays the reference's",
+        "rules": "{rule: scores}", "rules.*": "one rule (oracle: exit where the answer settles)",
+        **{f"rules.*.{f}": d for f, d in _EXIT_ROW.items()}}.items()},
+    "models[].tuned_lens": "lenses per loop state (--tuned-lens; absent without it), scored on held-out sequences",
+    "models[].tuned_lens.states": "the states read: h^(0) ... h^(K)",
+    "models[].tuned_lens.kl": "[S] KL(final output || lens) in nats per state, per lens",
+    "models[].tuned_lens.kl.logit": "final norm + unembedding on the state",
+    "models[].tuned_lens.kl.coda": "through the coda first (null for transformers models)",
+    "models[].tuned_lens.kl.tuned": "one affine translator per state, then the logit lens",
+    "models[].tuned_lens.kl.shared": "one affine translator shared by every state",
+    "models[].tuned_lens.fitted": "true: fitted here; false: loaded (--lens DIR)",
+    "models[].tuned_lens.n_train": "sequences the translators were fitted on",
+    "models[].tuned_lens.n_test": "held-out sequences scored",
+    "models[].tuned_lens.fit_steps": "Adam steps after the least-squares start (null when loaded)",
+    "models[].tuned_lens.saved": "folder of the saved lens, relative to the output folder (null when loaded)",
+}
+METRICS_KEYS.update(DYNAMICS_KEYS)
+
 #: dict paths whose keys are names (features, tasks), written `*` in METRICS_KEYS
 VARIABLE_KEY_PATHS = {"models[].probes.token", "models[].probes.token.*", "models[].probes.increment",
                       "models[].probes.increment.*", "models[].probes.random_init.token",
-                      "models[].probes.random_init.token.*"}
+                      "models[].probes.random_init.token.*",
+                      *(f"models[].dynamics.exits.{s}.{k}" for s in _EXIT_SETS for k in ("thresholds", "rules"))}
+#: sections written only when asked for (--dynamics, --tuned-lens): their keys may be absent from an output
+OPTIONAL_SECTIONS = ("models[].dynamics", "models[].tuned_lens")
 
 
 def metric_key_paths(obj: Any, prefix: str = "") -> set[str]:
