@@ -1,4 +1,4 @@
-"""Writes the seven notebooks (outputs stripped). Edit here, then run: python notebooks/make_notebooks.py"""
+"""Writes the notebooks (outputs stripped). Edit here, then run: python notebooks/make_notebooks.py"""
 from pathlib import Path
 
 import nbformat
@@ -304,6 +304,78 @@ NOTEBOOKS = {
         new_code_cell('cc.save("nb_out/features/cc")\n'
                       'back = mp.features.load_crosscoder("nb_out/features/cc")\n'
                       'print(back.source_names, back.decoder.shape, torch.equal(back.profile(), cc.profile()))'),
+    ],
+    "08_loop_dynamics.ipynb": [
+        new_markdown_cell("# 08 Loop dynamics: does the loop contract, where does it settle, when could it stop?\n\n"
+                          "A looped model is a dynamical system h^(t+1) = F_t(h^(t); context). `mp.dynamics` gives the "
+                          "loop map F_t of a model (`loop_map`), the spectrum of its Jacobian without forming it "
+                          "(`spectrum`: top singular values by Lanczos, the spectral radius by Arnoldi), trajectories "
+                          "past the trained K (`trajectory`), exit rules (`exits`) and a tuned lens per loop step. "
+                          "Here on the bundled `loop3-base` and `loop3-anchor` (K = 3)."),
+        new_code_cell(SETUP + '\n'
+                      'base = mp.load_checkpoint(CKPT / "loop3-base")\n'
+                      'anchor = mp.load_checkpoint(CKPT / "loop3-anchor")\n'
+                      'tokens = torch.from_numpy(np.load(CKPT / "val_tokens.npy")[:2, :32].astype("int64"))'),
+        new_markdown_cell("## The Jacobian of one loop step\n\n`loop_map(model, tokens, t)` is step t as a function of "
+                          "its input state, the context (embeddings, h^(0), MeSH's memory as written so far) fixed; "
+                          "`step.h_t` is the model's own h^(t). Each sequence's Jacobian is [seq*d, seq*d] (attention "
+                          "couples positions); `spectrum` only ever multiplies vectors by it."),
+        new_code_cell('step = mp.dynamics.loop_map(anchor, tokens, 1)\n'
+                      'print("step(h^(1)) == h^(2):", torch.allclose(step(step.h_t), mp.dynamics.loop_map(anchor, tokens, 2).h_t, atol=1e-4))\n'
+                      's = mp.dynamics.spectrum(step, step.h_t, k=4, iters=30)\n'
+                      'print("sigma:", s.sigma.numpy().round(3))\nprint("rho:", s.rho.numpy().round(3))\n'
+                      'print("top eigenvalues:", s.eigvals[0].numpy().round(3))'),
+        new_markdown_cell("## A planted check\n\nA linear map whose dominant eigenvalues are a complex pair "
+                          "0.9 e^(+-2i) (power iteration would oscillate forever): Arnoldi finds it."),
+        new_code_cell('import math\n'
+                      'n = 12\nP = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))\n'
+                      'core = torch.diag(torch.linspace(0.1, 0.5, n)).double()\n'
+                      'core[:2, :2] = 0.9 * torch.tensor([[math.cos(2), -math.sin(2)], [math.sin(2), math.cos(2)]])\n'
+                      'A = (P @ core @ torch.linalg.inv(P)).float()\n'
+                      'lin = lambda h: (h.reshape(1, n) @ A.T).reshape(1, 3, 4)\n'
+                      's = mp.dynamics.spectrum(lin, torch.randn(1, 3, 4), k=2, iters=12)\n'
+                      'print("rho", s.rho.item(), "eigenvalues", s.eigvals[0].numpy().round(4))\n'
+                      'print("sigma", s.sigma[0].numpy().round(4), "exact", torch.linalg.svdvals(A)[:2].numpy().round(4))'),
+        new_markdown_cell("## Past the trained K\n\n12 steps (4K). The states' norms grow in both models, so the "
+                          "trajectory is also read on directions (each position's state at unit norm: what the "
+                          "final LayerNorm sees). `rho_dir` < 1: directions contract."),
+        new_code_cell('traj = {}\nfor name, m in (("base", base), ("anchor", anchor)):\n'
+                      '    traj[name] = r = mp.dynamics.trajectory(m, tokens, iters=8, every=3)\n'
+                      '    print(f"{name}: states {r[\'label\']}, directions {r[\'label_dir\']}")\n'
+                      '    print("  rho_dir      ", [None if v is None else round(v, 3) for v in r["rho_dir"]])\n'
+                      '    print("  KL to output at K", [round(v, 3) for v in r["answer"]["kl_trained"]])'),
+        new_code_cell('import matplotlib.pyplot as plt\n'
+                      'fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))\n'
+                      'for name, r in traj.items():\n'
+                      '    axes[0].semilogy(range(1, 13), r["rel_update_dir"], "-o", label=name)\n'
+                      '    axes[1].semilogy(range(1, 13), r["answer"]["kl_trained"], "-o", label=name)\n'
+                      'axes[0].set_title("relative update of the directions"); axes[1].set_title("KL to the output at K")\n'
+                      'for ax in axes:\n    ax.axvline(3, color="k", ls=":"); ax.legend()'),
+        new_markdown_cell("## Exit rules\n\nHuginn's six rules, the two-hit acceleration rule (and Ouro's gate on "
+                          "models that have one), scored against the answer after the horizon: compute saved against "
+                          "KL lost. The oracle exits where the answer settles."),
+        new_code_cell('r = mp.dynamics.run(anchor, tokens, steps=12)\n'
+                      'ex = mp.dynamics.exits(r.logits, r.states)\n'
+                      'print(f"horizon {ex[\'horizon\']}, answer settles at step {ex[\'settle_mean\']:.2f} on average")\n'
+                      'for rule, row in ex["rules"].items():\n'
+                      '    print(f"{rule:14s} exit {row[\'mean_exit\']:5.2f}  saved {row[\'compute_saved\']:.2f}  "\n'
+                      '          f"answer changed {row[\'answer_changed\']:.3f}  KL lost {row[\'kl_lost\']:.4f}")'),
+        new_markdown_cell("## A tuned lens per loop step\n\nOne affine translator per state (and one shared), fitted to "
+                          "the final logits by KL, scored on held-out sequences beside the logit and coda lenses. "
+                          "Saved as safetensors + JSON; a lens saved for one model is refused for another."),
+        new_code_cell('from meshprobe.dynamics.analyze import lens_section\n'
+                      'rows = torch.from_numpy(np.load(CKPT / "val_tokens.npy")[:16, :32].astype("int64"))\n'
+                      'lens, sec = lens_section(anchor, rows, fit_steps=20)\n'
+                      'for i, state in enumerate(sec["states"]):\n'
+                      '    print(state, {k: round(v[i], 3) for k, v in sec["kl"].items()})\n'
+                      'lens.save("nb_out/anchor_lens")\n'
+                      'mp.dynamics.load_lens("nb_out/anchor_lens", anchor)\n'
+                      'try:\n    mp.dynamics.load_lens("nb_out/anchor_lens", base)\n'
+                      'except mp.UserError as e:\n    print("refused:", e)'),
+        new_markdown_cell("From the shell, the same analyses for any bundled checkpoint or transformers directory "
+                          "(figures `dynamics.png`, `lens_kl.png`; sections `dynamics`, `tuned_lens` in metrics.json):\n\n"
+                          "```bash\nmeshprobe analyze checkpoints/loop3-anchor --out out/anchor --dynamics --tuned-lens "
+                          "--no-probes\n```"),
     ],
 }
 
