@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from meshprobe.dynamics.exits import exits
+from meshprobe.dynamics.exits import exits, settle_steps
 from meshprobe.dynamics.lens import TunedLens, fingerprint, fit_tuned_lens, lens_kl, load_lens
 from meshprobe.dynamics.maps import check_step, is_hf
 from meshprobe.dynamics.trajectory import answer_stats, check_steps, describe, run
@@ -38,6 +38,32 @@ def dynamics_section(model, tokens: torch.Tensor, targets: torch.Tensor | None =
     if steps > K:
         out_exits["all_steps"] = exits(r.logits, r.states, gates=gates, targets=targets.cpu())
     return {"trajectory": traj, "exits": out_exits, "spectrum": {"k": k, "iters": iters, "seed": seed}}
+
+
+def task_section(model, tokens: torch.Tensor, targets: torch.Tensor, symbols: int, steps: int | None = None) -> dict:
+    """Where a task answer settles: the answer after each step restricted to the first `symbols` logits (the
+    task's answer space), on the positions with a target (targets [b, seq], -100 elsewhere). ``{"accuracy":
+    [per step], "settle": {step: share of positions}, "settle_mean", "exits": {...}}``; exits at the trained
+    K (and over all steps when more are run) with accuracy against the targets."""
+    steps = check_model(model, steps)
+    r = run(model, tokens, steps)
+    mask = targets.cpu() >= 0
+    logits = r.logits[..., :symbols]
+    acc = [float((lg.argmax(-1) == targets.cpu())[mask].double().mean()) for lg in logits]
+    K = min(r.trained_loops, steps)
+    out = {"accuracy": acc, "trained_loops": r.trained_loops, "steps": steps, "exits": {}}
+    for name, horizon in (("trained", K), ("all_steps", steps)):
+        if name == "all_steps" and steps == K:
+            continue
+        settle = settle_steps(logits[:horizon])[mask]
+        out[f"settle_{name}"] = {str(t): float((settle == t).double().mean()) for t in range(1, horizon + 1)}
+        out[f"settle_mean_{name}"] = float(settle.double().mean())
+        # exits on the target positions only: one "position" per target
+        sel = lambda x: x[:, mask].unsqueeze(1)  # noqa: E731
+        ex = exits(sel(logits), sel(r.states), horizon=horizon, targets=targets.cpu()[mask].unsqueeze(0),
+                   gates=None if r.gates is None else sel(r.gates))
+        out["exits"][name] = ex
+    return out
 
 
 @torch.no_grad()
@@ -97,4 +123,4 @@ def lens_section(model, tokens: torch.Tensor, lens=None, fit_steps: int = 100, s
                   "fit_steps": fit_steps if fitted else None}
 
 
-__all__ = ["answer_stats", "check_model", "dynamics_section", "lens_section", "lens_states"]
+__all__ = ["answer_stats", "check_model", "dynamics_section", "lens_section", "lens_states", "task_section"]
