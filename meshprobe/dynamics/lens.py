@@ -6,8 +6,9 @@ The logit lens reads a state h with the model's final norm and unembedding (``re
 that state, so a state in another basis or scale than the last one is still read. Here the states are the loop
 states (one translator per step t) rather than layers, plus one translator shared by every step (does one map
 fit the whole loop?). Fitting: least squares from h^(t) to h_out (the state the readout decodes into the final
-logits) as the start, then Adam on KL(final || lens) over minibatches of positions. Scores are KL(final ||
-lens) per step on held-out sequences (the last quarter of the sequences given).
+logits) as the start (or the identity, where that reads the fitting positions better: few positions), then Adam
+on KL(final || lens) over minibatches of positions. Scores are KL(final || lens) per step on held-out
+sequences (the last quarter of the sequences given).
 
 Saved as a folder: tuned_lens.safetensors (the translators) and tuned_lens.json (shapes, step names and the
 model's fingerprint: a hash of its config and of a strided sample of every parameter), written atomically,
@@ -112,6 +113,17 @@ def _least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> tup
     return w.float(), (my - mx @ a).float()
 
 
+@torch.no_grad()
+def _start(x: torch.Tensor, y: torch.Tensor, target_logp: torch.Tensor, readout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The better start (by KL on the fitting positions) of least squares and the identity (the logit lens):
+    with fewer positions than dimensions least squares overfits, and the tuned lens should not start worse."""
+    w, b = _least_squares(x, y)
+    zero = (torch.zeros_like(w), torch.zeros_like(b))
+    if _kl(target_logp, readout(x + x @ w.T + b)) < _kl(target_logp, readout(x)):
+        return w, b
+    return zero
+
+
 def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean KL(target || softmax(logits)) over positions."""
     return (target_logp.exp() * (target_logp - F.log_softmax(logits.float(), -1))).sum(-1).mean()
@@ -136,7 +148,7 @@ def _refine(params, states, target_logp, readout, steps, lr, batch, gen, shared:
 
 def fit_tuned_lens(states: torch.Tensor, final_logits: torch.Tensor, readout, final_state: torch.Tensor,
                    step_names: list[str] | None = None, model: str = "", steps: int = 100, lr: float = 1e-3,
-                   batch: int = 512, seed: int = 0) -> TunedLens:
+                   batch: int = 256, seed: int = 0) -> TunedLens:
     """Fit the translators (module docstring) on states [S, N, d] (N positions, flattened), the final logits
     [N, V], the state the readout decodes into them, final_state [N, d], and `readout` (h [n, d] -> logits).
     `steps` Adam steps of `batch` positions (0: least squares only). `model`: the fingerprint to store."""
@@ -147,8 +159,8 @@ def fit_tuned_lens(states: torch.Tensor, final_logits: torch.Tensor, readout, fi
     gen = torch.Generator().manual_seed(seed)
     target_logp = F.log_softmax(final_logits.float(), -1).detach()
     states = states.float().detach()
-    per = [_least_squares(states[i], final_state) for i in range(S)]
-    w0, b0 = _least_squares(states.reshape(S * N, d), final_state.repeat(S, 1))
+    per = [_start(states[i], final_state, target_logp, readout) for i in range(S)]
+    w0, b0 = _start(states.reshape(S * N, d), final_state.repeat(S, 1), target_logp.repeat(S, 1), readout)
     weight = torch.stack([w for w, _ in per]).requires_grad_(True)
     bias = torch.stack([b for _, b in per]).requires_grad_(True)
     shared_w, shared_b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
