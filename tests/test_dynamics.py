@@ -277,7 +277,7 @@ def test_bad_input_is_one_line():
     mesh = random_model(tiny_cfg(variant="mesh"))
     with pytest.raises(UserError, match="t=3: this mesh model has parameters for its 3 loop steps"):
         mp.dynamics.loop_map(mesh, x, 3)
-    with pytest.raises(UserError, match="steps - 1=4"):
+    with pytest.raises(UserError, match="steps=5: this mesh model has parameters for its 3 loop steps only"):
         mp.dynamics.run(mesh, x, steps=5)
     assert mp.dynamics.default_steps(mesh) == 3 and mp.dynamics.default_steps(random_model(tiny_cfg())) == 12
     h = torch.randn(2, 3, 4)

@@ -27,6 +27,11 @@ on the same text, ``--data`` through each model's own tokenizer: with ``--tokens
 sample, the run stops with one line before any work.
 
 
+``--dynamics`` adds the loop dynamics (a trajectory to 4K steps or the model's limit with the Jacobian spectra
+of every step, cycle detection, exit rules) and ``--tuned-lens`` a tuned lens per loop state (saved in
+``DIR/<name>/tuned_lens``; ``--lens DIR`` scores a saved one), for checkpoints and transformers directories:
+sections ``dynamics`` / ``tuned_lens`` of metrics.json, figures ``dynamics`` and ``lens_kl`` (docs/dynamics.md).
+
 ``--loops K`` (or ``--loops 1,2,...``) runs each looped meshprobe checkpoint with K loop steps (test-time depth:
 ``load_checkpoint(path, loops=K)``), one model per K named ``NAME@K<K>``; a MeSH model runs at most its trained K.
 
@@ -100,6 +105,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loops", default=None, metavar="K[,K...]",
                         help="test-time depth: run K loop steps instead of the trained / configured ones (checkpoints: "
                              "several K analyse each, named NAME@K<K>)")
+    dyn = parser.add_argument_group("loop dynamics (docs/dynamics.md)")
+    dyn.add_argument("--dynamics", action="store_true",
+                     help="trajectory past the trained K (4K or the model's limit): updates, Jacobian spectra, cycles, "
+                          "labels; exit rules (sections 'dynamics' of metrics.json, figure dynamics.png)")
+    dyn.add_argument("--tuned-lens", action="store_true",
+                     help="fit a tuned lens per loop state and save it (NAME/tuned_lens); KL per state beside the "
+                          "logit and coda lenses (section 'tuned_lens', figure lens_kl.png)")
+    dyn.add_argument("--lens", metavar="DIR", default=None,
+                     help="score this saved tuned lens instead of fitting one (refused for another model)")
+    dyn.add_argument("--dynamics-steps", type=int, metavar="N", default=None, help="loop steps to run (default 4K or the limit)")
+    dyn.add_argument("--dynamics-samples", type=int, metavar="N", default=4, help="sequences for the dynamics (default 4)")
+    dyn.add_argument("--dynamics-seq-len", type=int, metavar="N", default=64, help="their tokens (default 64)")
+    dyn.add_argument("--dynamics-iters", type=int, metavar="N", default=20, help="Krylov iterations per spectrum (default 20)")
+    dyn.add_argument("--dynamics-k", type=int, metavar="N", default=4, help="singular values / eigenvalues per step (default 4)")
+    dyn.add_argument("--lens-samples", type=int, metavar="N", default=32, help="sequences for the tuned lens (default 32)")
+    dyn.add_argument("--lens-fit-steps", type=int, metavar="N", default=100, help="Adam steps of the tuned lens (default 100)")
     hf = parser.add_argument_group("transformers model directories")
     hf.add_argument("--loop-spec", metavar="FILE.json", default=None,
                     help="where the loop steps live (default: the built-in spec of the architecture)")
@@ -146,6 +167,19 @@ def _validate(args) -> None:
     from meshprobe.cli.eval import parse_loops
 
     args.loops = parse_loops(args.loops)
+    args.dynamics_options = _dynamics_options(args)
+
+
+def _dynamics_options(args):
+    from meshprobe.analysis.pipeline.dynamics import DynamicsOptions, check_options
+
+    opts = DynamicsOptions(dynamics=args.dynamics, tuned_lens=args.tuned_lens, lens=args.lens,
+                           steps=args.dynamics_steps, samples=args.dynamics_samples, seq_len=args.dynamics_seq_len,
+                           iters=args.dynamics_iters, k=args.dynamics_k, lens_samples=args.lens_samples,
+                           fit_steps=args.lens_fit_steps)
+    if opts.active:
+        check_options(opts)
+    return opts
 
 
 def _hf_dirs(args) -> bool:
@@ -227,7 +261,7 @@ def _run_hf(args, done) -> int:
             probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
             max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done,
             dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory,
-            offload_folder=args.offload_folder)
+            offload_folder=args.offload_folder, dynamics=args.dynamics_options)
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures)")
     return 0
 
@@ -333,6 +367,9 @@ def run(args: argparse.Namespace) -> int:
         with _remote_code_errors(args):
             return _run_hf(args, _done)
     if _is_task_run(args):
+        if args.dynamics_options.active:
+            raise UserError("--dynamics / --tuned-lens / --lens apply to text analyses; on task checkpoints use "
+                            "meshprobe.dynamics.analyze.task_section (docs/dynamics.md)")
         return _run_task(args)
     _check_checkpoints(args)
     from meshprobe.analysis.pipeline.checkpoints import analyze_checkpoints
@@ -345,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
             threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
             probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
             max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done,
-            loops=args.loops)
+            loops=args.loops, dynamics=args.dynamics_options)
     figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == real})
     print(f"meshprobe analyze: wrote {len(moved)} files to {out} (metrics.json, report.md, figures: "
           f"{', '.join(figs)})")

@@ -11,16 +11,16 @@ import torch
 
 from meshprobe.dynamics.exits import exits, settle_steps
 from meshprobe.dynamics.lens import TunedLens, fingerprint, fit_tuned_lens, lens_kl, load_lens
-from meshprobe.dynamics.maps import check_step, is_hf
+from meshprobe.dynamics.maps import is_hf
 from meshprobe.dynamics.trajectory import answer_stats, check_steps, describe, run
 from meshprobe.errors import UserError
 from meshprobe.hooks import recursive_state_hooks
 
 
-def check_model(model, steps: int | None = None) -> int:
-    """UserError unless `model` has loop steps and can run `steps` of them; returns the steps to run."""
-    check_step(model, 0)
-    return check_steps(model, steps)
+def check_model(model, steps: int | None = None, name: str = "steps") -> int:
+    """UserError unless `model` has loop steps and can run `steps` of them (`name`: the parameter to name);
+    returns the steps to run."""
+    return check_steps(model, steps, name)
 
 
 def dynamics_section(model, tokens: torch.Tensor, targets: torch.Tensor | None = None, steps: int | None = None,

@@ -6,9 +6,10 @@ The logit lens reads a state h with the model's final norm and unembedding (``re
 that state, so a state in another basis or scale than the last one is still read. Here the states are the loop
 states (one translator per step t) rather than layers, plus one translator shared by every step (does one map
 fit the whole loop?). Fitting: least squares from h^(t) to h_out (the state the readout decodes into the final
-logits) as the start (or the identity, where that reads the fitting positions better: few positions), then Adam
-on KL(final || lens) over minibatches of positions. Scores are KL(final || lens) per step on held-out
-sequences (the last quarter of the sequences given).
+logits) as the start (or the identity, where that reads held-out positions better: few positions), then Adam
+on KL(final || lens) over minibatches of positions, keeping per state the translator that reads the last fifth
+of the fitting positions best (early stopping). Scores are KL(final || lens) per step on held-out sequences
+(the last quarter of the sequences given).
 
 Saved as a folder: tuned_lens.safetensors (the translators) and tuned_lens.json (shapes, step names and the
 model's fingerprint: a hash of its config and of a strided sample of every parameter), written atomically,
@@ -114,14 +115,13 @@ def _least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> tup
 
 
 @torch.no_grad()
-def _start(x: torch.Tensor, y: torch.Tensor, target_logp: torch.Tensor, readout) -> tuple[torch.Tensor, torch.Tensor]:
-    """The better start (by KL on the fitting positions) of least squares and the identity (the logit lens):
-    with fewer positions than dimensions least squares overfits, and the tuned lens should not start worse."""
+def _start(x, y, x_val, val_logp, readout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares on (x, y), or the identity (the logit lens) where that reads the validation positions
+    better (few positions: least squares overfits), as the start of the KL refinement."""
     w, b = _least_squares(x, y)
-    zero = (torch.zeros_like(w), torch.zeros_like(b))
-    if _kl(target_logp, readout(x + x @ w.T + b)) < _kl(target_logp, readout(x)):
+    if _kl(val_logp, readout(x_val + x_val @ w.T + b)) < _kl(val_logp, readout(x_val)):
         return w, b
-    return zero
+    return torch.zeros_like(w), torch.zeros_like(b)
 
 
 def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -129,12 +129,28 @@ def _kl(target_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (target_logp.exp() * (target_logp - F.log_softmax(logits.float(), -1))).sum(-1).mean()
 
 
-def _refine(params, states, target_logp, readout, steps, lr, batch, gen, shared: bool) -> None:
-    """Adam on KL(final || lens) for `steps` minibatches of `batch` positions (all S states each step)."""
+@torch.no_grad()
+def _val_kl(weight, bias, val_states, val_logp, readout, shared: bool) -> torch.Tensor:
+    """KL on the validation positions per state [S] (shared: one translator for all)."""
+    out = []
+    for i in range(val_states.shape[0]):
+        w, b = (weight, bias) if shared else (weight[i], bias[i])
+        h = val_states[i]
+        out.append(_kl(val_logp, readout(h + h @ w.T + b)))
+    return torch.stack(out)
+
+
+def _refine(params, data, readout, steps, lr, batch, gen, shared: bool, check_every: int = 10) -> None:
+    """Adam on KL(final || lens) for `steps` minibatches of `batch` fitting positions (all S states each step);
+    every `check_every` steps the translators that read the validation positions best so far are kept (per
+    state; early stopping), and restored at the end."""
+    states, target_logp, val_states, val_logp = data
     weight, bias = params
     opt = torch.optim.Adam([weight, bias], lr=lr)
     S, N = states.shape[0], states.shape[1]
-    for _ in range(steps):
+    best = _val_kl(weight, bias, val_states, val_logp, readout, shared)
+    best_w, best_b = weight.detach().clone(), bias.detach().clone()
+    for step in range(1, steps + 1):
         idx = torch.randint(0, N, (min(batch, N),), generator=gen)
         loss = 0.0
         for i in range(S):
@@ -144,6 +160,19 @@ def _refine(params, states, target_logp, readout, steps, lr, batch, gen, shared:
         grads = torch.autograd.grad(loss / S, [weight, bias])  # only the lens: model weights get no .grad
         weight.grad, bias.grad = grads
         opt.step()
+        if step % check_every == 0 or step == steps:
+            kl = _val_kl(weight, bias, val_states, val_logp, readout, shared)
+            with torch.no_grad():
+                if shared:
+                    if kl.mean() < best.mean():
+                        best, best_w, best_b = kl, weight.detach().clone(), bias.detach().clone()
+                else:
+                    better = kl < best
+                    best = torch.where(better, kl, best)
+                    best_w[better], best_b[better] = weight.detach()[better], bias.detach()[better]
+    with torch.no_grad():
+        weight.copy_(best_w)
+        bias.copy_(best_b)
 
 
 def fit_tuned_lens(states: torch.Tensor, final_logits: torch.Tensor, readout, final_state: torch.Tensor,
@@ -156,17 +185,22 @@ def fit_tuned_lens(states: torch.Tensor, final_logits: torch.Tensor, readout, fi
         raise UserError(f"states [S, N, d], final_logits [N, V] and final_state [N, d] must agree, got "
                         f"{tuple(states.shape)}, {tuple(final_logits.shape)}, {tuple(final_state.shape)}")
     S, N, d = states.shape
+    if N < 2:
+        raise UserError(f"the tuned lens needs >= 2 positions to fit (one to validate), got {N}")
     gen = torch.Generator().manual_seed(seed)
-    target_logp = F.log_softmax(final_logits.float(), -1).detach()
-    states = states.float().detach()
-    per = [_start(states[i], final_state, target_logp, readout) for i in range(S)]
-    w0, b0 = _start(states.reshape(S * N, d), final_state.repeat(S, 1), target_logp.repeat(S, 1), readout)
+    logp = F.log_softmax(final_logits.float(), -1).detach()
+    states, final_state = states.float().detach(), final_state.float().detach()
+    n_fit = N - max(1, N // 5)  # the last fifth of the positions (the last sequences) validates
+    fit, val = (states[:, :n_fit], logp[:n_fit]), (states[:, n_fit:], logp[n_fit:])
+    per = [_start(fit[0][i], final_state[:n_fit], val[0][i], val[1], readout) for i in range(S)]
+    w0, b0 = _start(fit[0].reshape(-1, d), final_state[:n_fit].repeat(S, 1), val[0].reshape(-1, d),
+                    val[1].repeat(S, 1), readout)
     weight = torch.stack([w for w, _ in per]).requires_grad_(True)
     bias = torch.stack([b for _, b in per]).requires_grad_(True)
     shared_w, shared_b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     with torch.enable_grad():
-        _refine((weight, bias), states, target_logp, readout, steps, lr, batch, gen, shared=False)
-        _refine((shared_w, shared_b), states, target_logp, readout, steps, lr, batch, gen, shared=True)
+        _refine((weight, bias), (*fit, *val), readout, steps, lr, batch, gen, shared=False)
+        _refine((shared_w, shared_b), (*fit, *val), readout, steps, lr, batch, gen, shared=True)
     names = step_names or [f"h^({i})" for i in range(S)]
     return TunedLens(weight.detach(), bias.detach(), shared_w.detach(), shared_b.detach(), names, model,
                      {"fit": {"adam_steps": steps, "lr": lr, "batch": batch, "seed": seed, "positions": N}})

@@ -45,15 +45,18 @@ def default_steps(model) -> int:
     return 4 * model.cfg.n_loops if limit is None else min(4 * model.cfg.n_loops, limit)
 
 
-def check_steps(model, steps) -> int:
+def check_steps(model, steps, name: str = "steps") -> int:
+    """`steps` (default :func:`default_steps`) if `model` can run that many loop steps, else UserError naming
+    the parameter `name`."""
+    check_step(model, 0)
     if steps is None:
-        steps = default_steps(model)
+        return default_steps(model)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise UserError(f"steps= must be a positive integer, got {steps!r}")
-    if not is_hf(model):
-        check_step(model, steps - 1, what="steps - 1")
-    else:
-        check_step(model, 0)
+        raise UserError(f"{name}={steps!r} must be a positive integer")
+    limit = max_steps(model)
+    if limit is not None and steps > limit:
+        raise UserError(f"{name}={steps}: this {model.cfg.variant} model has parameters for its {limit} loop steps "
+                        "only")
     return steps
 
 
@@ -199,6 +202,12 @@ def _spectra(model, tokens, states, k, iters, seed, every: int = 1) -> dict:
     return out
 
 
+def _majority(labels: list[str]) -> str:
+    """The label of more than half the sequences, else "mixed"."""
+    top = max(("contracting", "cycling", "drifting"), key=labels.count)
+    return top if 2 * labels.count(top) > len(labels) else "mixed"
+
+
 def _orbit(states: torch.Tensor, suffix: str) -> dict:
     """Per-step update, distance to the last state and the labels of a state sequence [T+1, b, seq, d]."""
     sizes = _norms(states[1:] - states[:-1])
@@ -206,7 +215,7 @@ def _orbit(states: torch.Tensor, suffix: str) -> dict:
     labels, why = classify(states)
     out = {"rel_update": (sizes / norms[:-1]).mean(-1).tolist(),
            "dist_to_last": (_norms(states - states[-1]) / norms[-1]).mean(-1).tolist(),
-           "labels": labels, **why, "label": max(("contracting", "cycling", "drifting"), key=labels.count)}
+           "labels": labels, **why, "label": _majority(labels)}
     return {key + suffix: value for key, value in out.items()}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from meshprobe.analysis.pipeline.analyze import analyze_model
-from meshprobe.analysis.pipeline.outputs import display_names, plot_analysis, write_outputs
+from meshprobe.analysis.pipeline.outputs import display_names, plot_analysis, safe_name, write_outputs
 from meshprobe.analysis.pipeline.tokens import (TokenRequest, check_same_text, check_token_shapes, resolve_tokens,
                                                 token_shape)
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
@@ -47,7 +47,7 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
                         probes: bool = True, baseline: bool = True, offsets: Sequence[int] | None = None,
                         max_classes: int = 64, l2_mode: str = "per_offset", progress: bool = True,
                         on_result: Callable[[dict], None] | None = None,
-                        loops: Sequence[int] | None = None) -> list[Path]:
+                        loops: Sequence[int] | None = None, dynamics=None) -> list[Path]:
     """Analyse checkpoints and write ``out`` (metrics.json, report.md, figures; see :func:`write_outputs`).
 
     Every checkpoint's config is checked before any work. Tokens (:func:`~meshprobe.analysis.pipeline.tokens.
@@ -57,6 +57,7 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     is checked before the first checkpoint is analyzed (:func:`_check_inputs`). ``offsets``: the token probes'
     offsets (None: DEFAULT_OFFSETS, any beyond the windows noted in the report; given ones must lie inside the
     windows). ``on_result`` is called with each model's metrics as it finishes. Returns the files.
+    ``dynamics``: a :class:`~meshprobe.analysis.pipeline.dynamics.DynamicsOptions` (loop dynamics, tuned lens).
     ``loops``: analyse every checkpoint at each of these loop counts (test-time depth, ``load_checkpoint(path,
     loops=K)``), one model entry per (checkpoint, K) named ``<name>@K<K>``.
     """
@@ -76,29 +77,53 @@ def analyze_checkpoints(checkpoints: Sequence[str | os.PathLike], out: str | os.
     out = Path(out)
     _check_inputs(paths, configs, out, offsets, token_file=request.tokens, samples=samples, seq_len=seq_len,
                   data=data)
+    check_dynamics_configs(paths, configs, dynamics)
     return analyze_and_write(
         runs, out, labels, lambda p, k: load_checkpoint(p, device=dev, loops=k), request, on_result,
         batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
         offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes, l2_mode=l2_mode,
-        progress=progress, seed=seed, threads=threads, lens_positions=lens_positions)
+        progress=progress, seed=seed, threads=threads, lens_positions=lens_positions, dynamics=dynamics)
 
 
 def analyze_and_write(runs: Sequence[tuple[Path, str, Any]], out: Path, labels: list[str],
                       load_one: Callable[[Path, Any], Any], request: TokenRequest,
-                      on_result: Callable[[dict], None] | None = None, **analysis) -> list[Path]:
+                      on_result: Callable[[dict], None] | None = None, dynamics=None, **analysis) -> list[Path]:
     """One model in memory at a time: for each ``(path, name, extra)`` of ``runs``, ``load_one(path, extra)``,
     its tokens (:func:`~meshprobe.analysis.pipeline.tokens.resolve_tokens` under ``request``),
-    :func:`analyze_model` with ``analysis``; then :func:`write_outputs` once. Shared by meshprobe checkpoints and
-    transformers directories."""
-    results = []
+    :func:`analyze_model` with ``analysis`` (and the loop dynamics sections when ``dynamics`` asks for them);
+    then :func:`write_outputs` once. Shared by meshprobe checkpoints and transformers directories."""
+    from meshprobe.analysis.pipeline.dynamics import dynamics_entry, write_dynamics
+
+    results, lenses = [], []
     for path, name, extra in runs:
         model = load_one(path, extra)
         tokens, source = resolve_tokens(model, path, request)
         res = analyze_model(model, tokens, name=name, checkpoint=str(path), source=source, **analysis)
+        sections, lens = dynamics_entry(model, tokens, dynamics) if dynamics is not None else ({}, None)
+        res.update(sections)
         results.append(res)
+        lenses.append(lens)
         if on_result is not None:
             on_result(res)
         del model
-    return write_outputs(out, results, lambda tmp: plot_analysis(results, labels, tmp))
+
+    def plot(tmp: Path) -> None:
+        plot_analysis(results, labels, tmp)
+        if dynamics is not None and dynamics.active:
+            write_dynamics(tmp, results, lenses, [safe_name(n) for n in labels])
+
+    return write_outputs(out, results, plot)
+
+
+def check_dynamics_configs(paths: list[Path], configs: list[dict], dynamics) -> None:
+    """--dynamics / --tuned-lens on checkpoints: looped models that run the steps asked for (before any work)."""
+    if dynamics is None or not dynamics.active:
+        return
+    from meshprobe.analysis.pipeline.dynamics import check_model_config, check_options
+    from meshprobe.config import ModelConfig
+
+    check_options(dynamics)
+    for p, cfg in zip(paths, configs):
+        check_model_config(ModelConfig.from_dict(cfg["model"]), dynamics, str(p))
 
 

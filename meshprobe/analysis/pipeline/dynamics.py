@@ -13,6 +13,9 @@ from pathlib import Path
 
 from meshprobe.errors import UserError
 
+# option -> the parameter name its errors use (the CLI prints it as the flag: --dynamics-samples, ...)
+PARAMS = {"samples": "dynamics_samples", "seq_len": "dynamics_seq_len", "iters": "dynamics_iters", "k": "dynamics_k",
+          "lens_samples": "lens_samples"}
 __all__ = ["DynamicsOptions", "check_options", "check_model_config", "dynamics_entry", "write_dynamics"]
 
 
@@ -38,10 +41,10 @@ class DynamicsOptions:
 
 def check_options(opts: DynamicsOptions) -> None:
     """UserError (naming the parameter) for option values no model can run."""
-    for name in ("samples", "seq_len", "iters", "k", "lens_samples"):
+    for name, param in PARAMS.items():
         v = getattr(opts, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UserError(f"dynamics_{name}={v!r} must be a positive integer")
+            raise UserError(f"{param}={v!r} must be a positive integer")
     if opts.steps is not None and (not isinstance(opts.steps, int) or opts.steps < 1):
         raise UserError(f"dynamics_steps={opts.steps!r} must be a positive integer")
     if opts.iters < opts.k:
@@ -75,7 +78,7 @@ def dynamics_entry(model, tokens, opts: DynamicsOptions) -> tuple[dict, object |
 
     if not opts.active:
         return {}, None
-    check_model(model, opts.steps)
+    check_model(model, opts.steps, "dynamics_steps")
     out, lens = {}, None
     dev = next(model.parameters()).device
     if opts.dynamics:

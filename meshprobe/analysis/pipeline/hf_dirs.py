@@ -56,7 +56,7 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
                     l2_mode: str = "per_offset", progress: bool = True,
                     on_result: Callable[[dict], None] | None = None, dtype: str | None = None,
                     device_map=None, max_memory: dict | None = None,
-                    offload_folder: str | os.PathLike | None = None) -> list[Path]:
+                    offload_folder: str | os.PathLike | None = None, dynamics=None) -> list[Path]:
     """Analyse transformers model directories and write ``out`` like
     :func:`~meshprobe.analysis.pipeline.checkpoints.analyze_checkpoints` (metrics.json, report.md, figures).
     ``spec``: a loop spec for every directory (default: the built-in one of each architecture); ``loops``: run
@@ -64,12 +64,18 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
     ("float32" / "bfloat16" / "float16"; default the checkpoint's own; the analyses accumulate in float32 and
     float64 whatever it is). ``device_map`` / ``max_memory`` / ``offload_folder``: accelerate's big-model
     inference for a model that does not fit one device (:func:`meshprobe.hf.loader.load`; the states are then
-    gathered on ``device``). Every input is checked before any model loads. Returns the files."""
+    gathered on ``device``). ``dynamics``: loop dynamics / tuned lens options
+    (:class:`~meshprobe.analysis.pipeline.dynamics.DynamicsOptions`). Every input is checked before any model
+    loads. Returns the files."""
     from meshprobe.hf import load
 
     paths = [Path(p) for p in dirs]
     request = TokenRequest(tokens, samples, seq_len, seed, data).opened()
     _check(paths, trust_remote_code, spec, request, tokens, loops)
+    if dynamics is not None and dynamics.active:
+        from meshprobe.analysis.pipeline.dynamics import check_options
+
+        check_options(dynamics)
     labels = display_names(names, paths)
     dev = resolve_device(device)  # where the analysis runs (and the model, without a device_map)
     big = dict(dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
@@ -82,4 +88,4 @@ def analyze_hf_dirs(dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *
         lambda p, _: load(p, spec=spec, trust_remote_code=trust_remote_code, loops=loops, **big), request,
         on_result, batch_size=batch_size, device=dev, probes=probes, baseline=baseline,
         offsets=DEFAULT_OFFSETS if offsets is None else offsets, max_classes=max_classes, l2_mode=l2_mode,
-        progress=progress, seed=seed, threads=threads, lens_positions=lens_positions)
+        progress=progress, seed=seed, threads=threads, lens_positions=lens_positions, dynamics=dynamics)

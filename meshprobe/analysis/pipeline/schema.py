@@ -215,7 +215,7 @@ _ORBIT = {
     "labels": "per sequence: contracting, cycling or drifting",
     "period": "per sequence: the period p found at the end of the run (1 = fixed point, 0 = none up to 6)",
     "shrink_rate": "per sequence: geometric mean of the step-size ratio over the last 4 steps (< 0.95: contracting)",
-    "label": "the majority label",
+    "label": "the label of more than half the sequences, else mixed",
 }
 _EXIT_ROW = {
     "mean_exit": "mean exit step (1..horizon)",
