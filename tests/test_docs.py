@@ -43,6 +43,9 @@ SIZES = [
     (r"^meshprobe train ", "--steps 2 --eval-every 1 --eval-batches 1 --batch-size 2 --save-every 2 --log-every 1 "
                            "--quiet"),
     (r"^meshprobe eval ", "--batches 1 --batch-size 2"),
+    (r"^meshprobe analyze .*--(dynamics|tuned-lens)", "--samples 6 --no-probes --no-progress --dynamics-samples 1 "
+                                                     "--dynamics-seq-len 8 --dynamics-iters 4 --lens-samples 4 "
+                                                     "--lens-fit-steps 2"),
     (r"^meshprobe analyze ", "--samples 6 --no-probes --no-progress"),
     (r"^meshprobe figures", "--samples 4 --no-probes --no-progress --out {out}/figures"),
     (r"^meshprobe (info|data) ", ""),
@@ -55,6 +58,10 @@ SIZES = [
     (r"^meshprobe features .*--load", "--samples 4 --causal 1 --quiet"),
     (r"^meshprobe features ", "--samples 4 --epochs 1 --features 32 --k 4 --causal 1 --quiet"),
     (r"^python benchmarks/features\.py", "--sequences 4 --steps 2 --repeats 1 --batch 128 --out {out}/features.json"),
+    (r"^python benchmarks/dynamics\.py", "--repeats 1 --batch 1 --seq 8 --iters 4"),
+    (r"^python benchmarks/dynamics_zoo\.py", "--text loop3-anchor --tasks phop2-anchor --sequences 1 --seq 8 --iters 4 "
+                                             "--lens-sequences 4 --fit-steps 2 --task-sequences 8 "
+                                             "--out out/dynamics_zoo.json"),
 ]
 
 
