@@ -38,6 +38,7 @@ def _dynamic_paths(doc) -> set[str]:
     return {p for p in schema.metric_key_paths(doc) if p.startswith(schema.OPTIONAL_SECTIONS)}
 
 
+@pytest.mark.slow
 def test_analyze_dynamics_and_tuned_lens(ckpts):
     out = ckpts["root"] / "out"
     assert main(["analyze", str(ckpts["base"]), str(ckpts["mesh"]), "--out", str(out), "--tokens",
