@@ -81,6 +81,7 @@ def main(argv=None) -> None:
     for k, s in res["seconds"].items():
         print(f"| {k} | {s:.4f} | {res['x_forward'][k]:.1f} |")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -58,10 +58,10 @@ SIZES = [
     (r"^meshprobe features .*--load", "--samples 4 --causal 1 --quiet"),
     (r"^meshprobe features ", "--samples 4 --epochs 1 --features 32 --k 4 --causal 1 --quiet"),
     (r"^python benchmarks/features\.py", "--sequences 4 --steps 2 --repeats 1 --batch 128 --out {out}/features.json"),
-    (r"^python benchmarks/dynamics\.py", "--repeats 1 --batch 1 --seq 8 --iters 4"),
+    (r"^python benchmarks/dynamics\.py", "--repeats 1 --batch 1 --seq 8 --iters 4 --out {out}/dynamics.json"),
     (r"^python benchmarks/dynamics_zoo\.py", "--text loop3-anchor --tasks phop2-anchor --sequences 1 --seq 8 --iters 4 "
                                              "--lens-sequences 4 --fit-steps 2 --task-sequences 8 "
-                                             "--out out/dynamics_zoo.json"),
+                                             "--out {out}/dynamics_zoo.json"),
 ]
 
 
