@@ -108,9 +108,10 @@ def _least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> tup
     mx, my = x.mean(0), y.mean(0)
     xc, yc = x - mx, y - my
     gram = xc.T @ xc
-    gram += ridge * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    gram += ridge * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                        device=gram.device)
     a = torch.linalg.solve(gram, xc.T @ yc)  # y ~ x a + c
-    w = a.T - torch.eye(a.shape[0], dtype=a.dtype)
+    w = a.T - torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     return w.float(), (my - mx @ a).float()
 
 
