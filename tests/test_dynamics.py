@@ -195,6 +195,14 @@ def test_hf_loop_map_and_trajectory(kind):
             torch.testing.assert_close(got, r.states[t + 1], rtol=0, atol=1e-5 * r.states[t + 1].abs().max().item())
     s = mp.dynamics.spectrum(mp.dynamics.loop_map(w, x, 1), r.states[1], k=2, iters=6)
     assert s.sigma.shape == (2, 2) and torch.isfinite(s.sigma).all() and (s.sigma[:, 0] >= s.sigma[:, 1]).all()
+    rules = exits(r.logits, r.states, horizon=3, gates=r.gates)["rules"]
+    assert ("ouro_gate" in rules) == (kind == "ouro") and rules["oracle"]["answer_changed"] == 0
+    if kind == "ouro":  # the gate's own exit: the first step whose cumulative exit probability reaches 0.5
+        lam = torch.sigmoid(r.gates[:3].double())
+        first = ((1 - torch.cumprod(1 - lam, 0)) >= 0.5).double().argmax(0) + 1
+        fired = ((1 - torch.cumprod(1 - lam, 0)) >= 0.5).any(0)
+        want = torch.where(fired, first, torch.full_like(first, 3)).double().mean().item()
+        assert rules["ouro_gate"]["mean_exit"] == pytest.approx(want)
     traj = mp.dynamics.trajectory(w, x, steps=4, iters=4, every=2)
     assert len(traj["rel_update"]) == 4 and traj["rho"][1] is None and traj["rho"][0] > 0
     assert traj["label"] in ("contracting", "cycling", "drifting")
