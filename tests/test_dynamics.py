@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ALL_VARIANTS, random_model, random_tokens, tiny_cfg
+from conftest import ALL_VARIANTS, f32_tol, model_tol, random_model, random_tokens, tiny_cfg
 from hf_standins import OuroForCausalLM, RavenForCausalLM, ouro_config, raven_config
 
 import meshprobe as mp
@@ -59,8 +59,8 @@ def test_spectrum_recovers_planted_linear_maps(normal):
     for i, (r, th, _) in enumerate(cases):  # the dominant pair, both members, conjugate
         top = s.eigvals[i, :2]
         assert torch.allclose(top.abs(), torch.full((2,), r, dtype=torch.float64), atol=tol * 10)
-        assert torch.allclose(top.angle().abs(), torch.full((2,), th, dtype=torch.float64), atol=1e-3)
-        assert abs(top[0].imag + top[1].imag) < 1e-3
+        assert torch.allclose(top.angle().abs(), torch.full((2,), th, dtype=torch.float64), atol=tol * 10 / r)
+        assert abs(top[0].imag + top[1].imag) < tol * 10
 
 
 def test_power_iteration_would_fail_where_arnoldi_does_not():
@@ -68,7 +68,7 @@ def test_power_iteration_would_fail_where_arnoldi_does_not():
     seq, d = 2, 4
     a = planted(0.8, 2.5, 0.7, seq, d, normal=False, seed=3)
     s = mp.dynamics.spectrum(linear_step([a], seq, d), torch.randn(1, seq, d), k=2, iters=8)
-    assert abs(s.rho.item() - 0.8) < 1e-4
+    assert abs(s.rho.item() - 0.8) < 500 * seq * d * EPS32 * torch.linalg.svdvals(a).max().item()
     assert s.iters == 8
 
 
@@ -87,9 +87,10 @@ def test_spectrum_of_a_model_step_matches_its_explicit_jacobian():
         jac = jac.reshape(96, 96)
         ref_sigma = torch.linalg.svdvals(jac)[:3]
         ref_rho = torch.linalg.eigvals(jac).abs().max()
-        tol = 1e-4 * ref_sigma[0].item()  # float32 model vs float64 reference
-        torch.testing.assert_close(s.sigma[i], ref_sigma, rtol=0, atol=tol)
-        assert abs(s.rho[i].item() - ref_rho.item()) < tol
+        # float32 model vs float64 reference: each value comes through 96 Krylov products of the model's sums
+        tol = f32_tol(ref_sigma, n_terms=cfg.d_mlp * 96, layers=cfg.n_layers + 1, scale=ref_sigma[0].item())
+        torch.testing.assert_close(s.sigma[i], ref_sigma, **tol)
+        assert abs(s.rho[i].item() - ref_rho.item()) < tol["atol"]
 
 
 @pytest.mark.parametrize("variant", [*ALL_VARIANTS, "base@1+2+2+1"])
@@ -104,7 +105,7 @@ def test_loop_map_equals_the_models_own_step(variant):
         with torch.no_grad():
             got = step(cache[f"loop.{t}.hook_state_in"])
         ref = cache[f"loop.{t}.hook_state_out"]
-        torch.testing.assert_close(got, ref, rtol=0, atol=50 * EPS32 * ref.abs().max().item())
+        torch.testing.assert_close(got, ref, **model_tol(ref, cfg))
 
 
 def test_trajectory_past_k_equals_the_model_run_with_more_loops():
@@ -117,8 +118,8 @@ def test_trajectory_past_k_equals_the_model_run_with_more_loops():
     logits, cache = deep.run_with_cache(x)
     for t in range(7):
         ref = cache[f"loop.{t}.hook_state_out"]
-        torch.testing.assert_close(r.states[t + 1], ref, rtol=0, atol=100 * EPS32 * ref.abs().max().item())
-    torch.testing.assert_close(r.logits[-1], logits, rtol=0, atol=1e-4 * logits.abs().max().item())
+        torch.testing.assert_close(r.states[t + 1], ref, **model_tol(ref, deep.cfg))
+    torch.testing.assert_close(r.logits[-1], logits, **model_tol(logits, deep.cfg))
 
 
 def _orbit(step, h0, steps):
@@ -144,12 +145,13 @@ def test_a_fixed_point_is_found_with_its_jacobian():
     target = torch.randn(1, seq, d)
     step = lambda h: target + 0.5 * torch.tanh(h - target)  # fixed point target, Jacobian 0.5 I there
     states = _orbit(step, torch.randn(2, seq, d) * 3, 40)
-    torch.testing.assert_close(states[-1], target.expand(2, -1, -1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(states[-1], target.expand(2, -1, -1), **f32_tol(target, n_terms=2))
     labels, _ = classify(states)
     assert labels == ["contracting"] * 2 and cycles(states).tolist() == [1, 1]
     s = mp.dynamics.spectrum(step, target.expand(2, -1, -1).clone(), k=2, iters=12)
-    torch.testing.assert_close(s.sigma, torch.full((2, 2), 0.5, dtype=torch.float64), rtol=0, atol=1e-6)
-    torch.testing.assert_close(s.rho, torch.full((2,), 0.5, dtype=torch.float64), rtol=0, atol=1e-6)
+    tol = f32_tol(0.5, n_terms=seq * d)  # Krylov sums over the 12 dimensions of one sequence
+    torch.testing.assert_close(s.sigma, torch.full((2, 2), 0.5, dtype=torch.float64), **tol)
+    torch.testing.assert_close(s.rho, torch.full((2,), 0.5, dtype=torch.float64), **tol)
     labels, _ = classify(states[:6])  # not there yet, but the steps shrink geometrically
     assert labels == ["contracting"] * 2 and cycles(states[:6]).tolist() == [0, 0]
 
@@ -188,11 +190,12 @@ def test_hf_loop_map_and_trajectory(kind):
     assert (r.gates is not None) == (kind == "ouro")
     for t in range(3):
         step = mp.dynamics.loop_map(w, x, t)
-        torch.testing.assert_close(step.h_t, r.states[t], rtol=0, atol=1e-6 * r.states[t].abs().max().item())
+        torch.testing.assert_close(step.h_t, r.states[t], rtol=0, atol=0)  # the same forward, stopped early
         if t < 2:
             with torch.no_grad():
                 got = step(r.states[t])
-            torch.testing.assert_close(got, r.states[t + 1], rtol=0, atol=1e-5 * r.states[t + 1].abs().max().item())
+            # the same ops on the same input; a float32 sum's rounding may differ between the two calls
+            torch.testing.assert_close(got, r.states[t + 1], **f32_tol(r.states[t + 1], n_terms=64, layers=4))
     s = mp.dynamics.spectrum(mp.dynamics.loop_map(w, x, 1), r.states[1], k=2, iters=6)
     assert s.sigma.shape == (2, 2) and torch.isfinite(s.sigma).all() and (s.sigma[:, 0] >= s.sigma[:, 1]).all()
     rules = exits(r.logits, r.states, horizon=3, gates=r.gates)["rules"]
