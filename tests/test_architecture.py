@@ -88,7 +88,7 @@ def test_no_upward_imports(path):
 # The analysis pipeline, bottom to top (ARCHITECTURE.md): a module imports only the ones before it, lazily or not,
 # so following a model from mp.analyze or the CLI never climbs back up.
 PIPELINE = [
-    "schema", "collect", "analyzer", "texts", "tokens", "outputs", "analyze", "checkpoints", "hf_dirs"]
+    "schema", "collect", "analyzer", "texts", "tokens", "outputs", "analyze", "dynamics", "checkpoints", "hf_dirs"]
 
 
 def test_pipeline_imports_one_way():
