@@ -209,12 +209,13 @@ def replace_dir(new: Path, path: Path, marker: str | None = None) -> None:
         remove_dir(old, first=marker)
 
 
-def move_into(tmp: Path, out: Path) -> list[Path]:
-    """Move every file of folder `tmp` to the same relative path in `out`, one atomic rename each: report.md
-    and then metrics.json last, so a new metrics.json (the commit point) only appears once every file it
-    describes is in place, even if the process is killed halfway. Returns the moved paths."""
+def move_into(tmp: Path, out: Path, last: tuple[str, ...] = ("report.md", "metrics.json")) -> list[Path]:
+    """Move every file of folder `tmp` to the same relative path in `out`, one atomic rename each, the files
+    named in `last` last and in that order (by default report.md, then metrics.json), so a new commit-point file
+    only appears once every file it describes is in place, even if the process is killed halfway. Returns the
+    moved paths."""
     files = sorted((p for p in tmp.rglob("*") if p.is_file()),
-                   key=lambda p: (p.name == "metrics.json", p.name == "report.md", str(p)))
+                   key=lambda p: (last.index(p.name) + 1 if p.name in last else 0, str(p)))
     moved = []
     for f in files:
         dest = out / f.relative_to(tmp)

@@ -148,3 +148,18 @@ def write_tiny_dory(folder, loops: int = 3, seed: int = 0):
         num_key_value_heads=2, head_dim=16, n_input_layers=1, n_output_layers=1, n_recurrent_loops=loops,
         sliding_window=8, max_position_embeddings=128)).eval().save_pretrained(folder)
     return folder
+
+
+# Runs meshprobe.cli.main on each argv in one fresh interpreter; every case must exit 2, and the script prints
+# which heavy modules got imported (none, when bad input is answered before torch loads).
+NO_TORCH_SCRIPT = """
+import sys
+from meshprobe.cli import main
+for argv in {cases!r}:
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 2, (argv, rc)
+print(sorted(m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules))
+"""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_tiny_dory, write_tiny_text_run
+from conftest import NO_TORCH_SCRIPT, write_tiny_dory, write_tiny_text_run
 from meshprobe.cli import main
 
 
@@ -660,17 +660,6 @@ def test_an_error_inside_trusted_remote_code_is_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- before torch
-_NO_TORCH = """
-import sys
-from meshprobe.cli import main
-for argv in {cases!r}:
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    assert rc == 2, (argv, rc)
-print(sorted(m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules))
-"""
 
 
 def test_bad_input_answers_before_torch_loads(env, hf_env, tmp_path):
@@ -699,7 +688,7 @@ def test_bad_input_answers_before_torch_loads(env, hf_env, tmp_path):
              ["analyze", dory, "--out", out, "--data", "shakespeare"], ["info", str(remote)], ["info", str(unknown)],
              ["analyze", dory, "--out", out, "--loops", "1024", "--batch-size", "10000", "--samples", "10000"]]
     cases += [["info", str(d)] for d in bad.values()] + [["analyze", str(d), "--out", out] for d in bad.values()]
-    done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(cases=cases)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT.format(cases=cases)], capture_output=True, text=True,
                           check=False, env={**os.environ, "MESHPROBE_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]", done.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_model, random_tokens, tiny_cfg
+from conftest import NO_TORCH_SCRIPT, random_model, random_tokens, tiny_cfg
 from meshprobe.errors import UserError
 from meshprobe.features import (FeatureStats, LoopCrosscoder, lifetimes, load_crosscoder, planted_features, recovery,
                                 shuffled, source_spec, summary, train_crosscoder)
@@ -261,17 +261,6 @@ def _cli(*args, cwd=None):
 SMALL = ["--samples", "6", "--epochs", "1", "--features", "64", "--k", "4", "--causal", "1", "--quiet"]
 
 
-_NO_TORCH = """
-import sys
-from meshprobe.cli import main
-for argv in {cases!r}:
-    try:
-        rc = main(argv)
-    except SystemExit as exc:
-        rc = exc.code
-    assert rc == 2, (argv, rc)
-print(sorted(m for m in ("torch", "transformers", "safetensors.torch") if m in sys.modules))
-"""
 
 
 def test_cli_bad_input_one_line_exit_2_nothing_written_before_torch(tmp_path):
@@ -288,7 +277,7 @@ def test_cli_bad_input_one_line_exit_2_nothing_written_before_torch(tmp_path):
              ["features", str(ckpt / "loop3-base"), "--out", out, "--load", str(saved)],
              ["features", str(tmp_path / "nope"), "--out", out]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(cases=cases)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT.format(cases=cases)], capture_output=True, text=True,
                           env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]", done.stdout

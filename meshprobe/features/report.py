@@ -141,14 +141,7 @@ def write_features(out: str | os.PathLike, results: Sequence[dict], crosscoders:
         doc = {"format": FORMAT, "version": 1, "models": list(results)}
         (tmp / "features.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
         out.mkdir(parents=True, exist_ok=True)
-        files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name == "features.json", str(p)))
-        moved = []
-        for f in files:
-            dest = out / f.relative_to(tmp)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(f, dest)
-            moved.append(dest)
-    return moved
+        return _io.move_into(tmp, out, last=("features.json",))  # features.json, the commit point, last
 
 
 def _names(paths: Sequence[Path], names: str | None) -> list[str]:
