@@ -15,7 +15,12 @@ Two probes per (state, offset ``k``), both trained and tested on disjoint *seque
 2. **Embedding-retrieval probe**: ridge regression from the state onto a fixed code of the target token
    (``embedding`` [V, e], by default the model's input embedding in ``meshprobe analyze``; ``None``: a fixed
    Gaussian code [V, d], N(0, 1/d), drawn from ``seed``, V = max token id + 1) on *every* training position, no
-   class cut; streamed through XᵀX / XᵀY (:mod:`meshprobe.analysis.probes.retrieval`). Reported on held-out rows
+   class cut; streamed (the rows while they are fewer than d, else XᵀX / XᵀY per fold) and solved on one
+   eigendecomposition per training set shared by every offset and L2 (:mod:`meshprobe.analysis.probes.retrieval`).
+   An embedding wider than ``max_code_dim`` (256) is replaced by its top ``max_code_dim`` principal components
+   (centred; :func:`~meshprobe.analysis.probes.retrieval.pca_code`): XᵀY stays ``d x 256`` per offset and the
+   nearest-code search over V types costs ``V x 256`` per row; R² and retrieval are then measured in that
+   subspace (``retrieval_code`` says so). Reported on held-out rows
    (a seeded sample of at most ``retrieval_test_rows`` test positions): R² and top-1 / top-5 retrieval of the
    target among all V codes, with bootstrap CIs. Baseline: ``retrieval_majority``, the share of those rows
    whose target is the most frequent training type (what always answering that type scores). A random code is
@@ -49,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from meshprobe.analysis.probes.retrieval import RidgeStats, retrieval_ranks
+from meshprobe.analysis.probes.retrieval import RidgeStats, pca_code, retrieval_ranks
 from meshprobe.analysis.probes.softmax import L2_GRID, fit_softmax_cv
 from meshprobe.analysis.stats import bootstrap_ratio_ci, cv_fold, is_test_sequence, sequence_sums, unit_hash
 
@@ -75,6 +80,17 @@ def gaussian_code(vocab_size: int, dim: int, seed: int = 0) -> Tensor:
     """A fixed random code per token type: [vocab_size, dim], entries N(0, 1/dim), drawn from ``seed``."""
     g = torch.Generator().manual_seed(int(seed) * 7919 + 17)
     return torch.randn(vocab_size, dim, generator=g) / math.sqrt(dim)
+
+
+def _code_table(embedding: Tensor | None, V: int, code_dim: int, max_code_dim: int, seed: int) -> tuple[Tensor, str]:
+    """The retrieval code [V', e] and its name: a Gaussian code, the embedding, or (wider than ``max_code_dim``)
+    the embedding on its top ``max_code_dim`` principal directions."""
+    if embedding is None:
+        return gaussian_code(V, code_dim, seed), "gaussian"
+    E = embedding.detach().cpu()
+    if E.shape[1] <= max_code_dim:
+        return E.float(), "embedding"
+    return pca_code(E, max_code_dim, seed), f"embedding, top {max_code_dim} principal components"
 
 
 def _balanced(cls: np.ndarray, prio: np.ndarray, C: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +128,8 @@ class TokenProbePlan:
     def __init__(self, tokens: Tensor, offsets: Sequence[int] = DEFAULT_OFFSETS, *, max_classes: int = 64,
                  seed: int = 0, embedding: Tensor | None = None, test_fraction: float = 0.3,
                  max_train_per_class: int = 128, max_test_per_class: int = 128, min_test_per_class: int = 4,
-                 retrieval_test_rows: int = 4096, folds: int = 3, code_dim: int = 128, ignore=None):
+                 retrieval_test_rows: int = 4096, folds: int = 3, code_dim: int = 128, max_code_dim: int = 256,
+                 ignore=None):
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be an integer [N, S] tensor, got {tuple(tokens.shape)} {tokens.dtype}")
@@ -134,10 +151,9 @@ class TokenProbePlan:
                              "train or no test sequence; give more sequences")
         self.fold = torch.from_numpy(cv_fold(seq, max(folds, 1), seed))
         V = int(self.tokens.max()) + 1
-        self.code = gaussian_code(V, code_dim, seed) if embedding is None else embedding.detach().float().cpu()
+        self.code, self.code_name = _code_table(embedding, V, code_dim, max_code_dim, seed)
         if int(self.tokens.min()) < 0 or V > self.code.shape[0]:
             raise ValueError(f"token ids must lie in [0, {self.code.shape[0]}) (the code table's rows)")
-        self.code_name = "gaussian" if embedding is None else "embedding"
         self.max_classes = int(max_classes)
         flat = seq[:, None] * S + np.arange(S)
         self._prio = unit_hash(flat, seed, "row")  # [N, S]
@@ -248,8 +264,11 @@ class TokenProbeAccumulator:
         return self._fits[key]
 
     def retrieval(self, offset: int) -> dict:
-        """Result dict of the embedding-retrieval probe."""
+        """Result dict of the embedding-retrieval probe (the ridge maps of every offset are fitted together, on
+        shared factorisations, at the first call; cached until the next update)."""
         self._check()
+        if "ridge" not in self._fits:
+            self._fits["ridge"] = self.ridge.fit_all(self.plan.offsets)
         return _retrieval(self.plan, self, offset)
 
     def result(self, offset: int, l2: float | None = None) -> dict:
@@ -303,7 +322,7 @@ def _logistic(plan: TokenProbePlan, X: Tensor, offset: int, l2: float | None = N
 
 
 def _retrieval(plan: TokenProbePlan, acc: TokenProbeAccumulator, offset: int) -> dict:
-    fit = acc.ridge.fit(offset)
+    fit = acc._fits["ridge"][offset]
     idx = plan.retrieval_rows
     flat = torch.from_numpy(plan.rows[idx.numpy()])
     seq = flat // plan.S
