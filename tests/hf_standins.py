@@ -201,3 +201,60 @@ def write_remote_ouro(folder, mark, seed=0):
                                                          "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"}}
     (folder / "config.json").write_text(json.dumps(config))
     return model
+
+
+REMOTE_RAVEN_CONFIG = '''from transformers import PretrainedConfig
+
+
+class RavenConfig(PretrainedConfig):
+    model_type = "huginn_raven"
+
+    def __init__(self, vocab_size=50, n_embd=16, n_layers_in_prelude=1, n_layers_in_recurrent_block=4,
+                 n_layers_in_coda=2, mean_recurrence=6, block_size=64, tuple_blocks=True, **kwargs):
+        self.vocab_size, self.n_embd, self.block_size, self.tuple_blocks = vocab_size, n_embd, block_size, tuple_blocks
+        self.n_layers_in_prelude, self.n_layers_in_coda = n_layers_in_prelude, n_layers_in_coda
+        self.n_layers_in_recurrent_block, self.mean_recurrence = n_layers_in_recurrent_block, mean_recurrence
+        kwargs["tie_word_embeddings"] = False
+        super().__init__(**kwargs)
+'''
+
+
+def write_remote_raven(folder, dtype=torch.float32, seed=0, **config):
+    """A model directory with remote code: the Huginn (Raven) stand-in above as modeling_raven.py (a
+    PreTrainedModel with the same modules and forward), its config class, auto_map, and safetensors weights in
+    ``dtype``; ``config``: raven_config fields (e.g. the released sizes). Returns the config dict."""
+    import inspect
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    cfg = {k: v for k, v in vars(raven_config(**config)).items()}
+    src = inspect.getsource(RavenForCausalLM)
+    for old, new in (("class RavenForCausalLM(_LM):", "class RavenForCausalLM(PreTrainedModel):\n"
+                      "    config_class = RavenConfig\n    base_model_prefix = \"transformer\"\n"),
+                     ("super().__init__()", "super().__init__(cfg)"),
+                     ("self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)\n",
+                      "self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)\n        self.post_init()\n"),
+                     ("SimpleNamespace(logits=", "CausalLMOutputWithPast(logits=")):
+        assert old in src, old
+        src = src.replace(old, new)
+    src += ("\n    def get_output_embeddings(self):\n        return self.lm_head\n\n"
+            "    def _init_weights(self, module):  # keep torch's default initialisation\n        pass\n")
+    head = ("import torch\nfrom torch import nn\nfrom transformers import PreTrainedModel\n"
+            "from transformers.modeling_outputs import CausalLMOutputWithPast\n\n"
+            "from .configuration_raven import RavenConfig\n\n\n")
+    parts = [inspect.getsource(c) for c in (Layer, TupleLayer, RMSNorm)] + [inspect.getsource(_first), src]
+    (folder / "modeling_raven.py").write_text(head + "\n\n".join(parts))
+    (folder / "configuration_raven.py").write_text(REMOTE_RAVEN_CONFIG)
+    torch.manual_seed(seed)
+    model = RavenForCausalLM(SimpleNamespace(**cfg)).to(dtype)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    del model
+    doc = {"model_type": "huginn_raven", "architectures": ["RavenForCausalLM"], **cfg,
+           "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+           "auto_map": {"AutoConfig": "configuration_raven.RavenConfig",
+                        "AutoModelForCausalLM": "modeling_raven.RavenForCausalLM"}}
+    (folder / "config.json").write_text(json.dumps(doc))
+    return doc

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import approx_f32
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +46,29 @@ def test_mesh_stall_tiny(tmp_path):
     # softmax weights over the slots (float32) averaged over tokens: they sum to 1 up to float32 rounding
     assert all(sum(w) == approx_f32(1.0, router["slots"]) for w in router["read"] + router["write"])
     assert snaps[-1]["latent_map"]["states"][:2] == ["h_emb", "h^(0)"] and "h^(2)" in snaps[-1]["patching"]["sites"]
+
+
+@pytest.mark.slow
+def test_hf_scale_tiny(tmp_path):
+    """benchmarks/hf_scale.py at toy sizes: both shapes built, run plainly and analysed in their own processes;
+    every token probe ran on every state, the phases of the analysis are timed."""
+    import json
+
+    out = tmp_path / "hf_scale.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hf_scale.py"), "--tiny", "--threads", "1",
+                           "--out", str(out), "--tmp", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("python benchmarks/hf_scale.py --tiny")
+    assert set(doc["results"]) == {"ouro", "huginn"}
+    for r in doc["results"].values():
+        an = r["analyze"]
+        assert r["every_token_probe_on_every_state"] and len(an["offsets"]) == 6 and an["loop_step_probe"]
+        assert r["forward"]["forward_seconds"] > 0 and r["forward"]["peak_rss_mib"] > 100
+        assert {"forward", "lens", "diagnostics", "cka", "token_probes", "loop_step_probe"} <= set(an["timing"])
+        assert sum(r["phase_share"].values()) == pytest.approx(1.0)
+        assert r["time_ratio"] == pytest.approx(an["wall_seconds"] / r["forward"]["wall_seconds"])
+    assert doc["results"]["huginn"]["analyze"]["states"][-2] == "h^(3)"  # --loops 3 at toy size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("hf_scale-")]  # temporary models removed

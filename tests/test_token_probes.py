@@ -156,7 +156,8 @@ def test_cv_picks_strong_penalty_without_signal_and_weak_with_signal():
 
 
 # ------------------------------------------------------------------------------------------- ridge retrieval
-def test_ridge_stats_match_closed_form_and_cv_is_exact():
+@pytest.mark.parametrize("max_rows", [None, 10**6], ids=["sums", "rows"])
+def test_ridge_stats_match_closed_form_and_cv_is_exact(max_rows):
     from sklearn.linear_model import Ridge
     from sklearn.preprocessing import StandardScaler
 
@@ -165,7 +166,7 @@ def test_ridge_stats_match_closed_form_and_cv_is_exact():
     X = (torch.randn(n, d, generator=g) * torch.arange(1, d + 1) + 10.0).double()
     Y = X @ torch.randn(d, e, generator=g).double() + torch.randn(n, e, generator=g).double()
     fold = torch.arange(n) % 2
-    st = RidgeStats(folds=2)
+    st = RidgeStats(folds=2, max_rows=max_rows)
     for s in range(0, n, 64):
         st.add(X[s:s + 64], fold[s:s + 64], {"y": Y[s:s + 64]})
     fit = st.fit("y", grid=[1e-2])
@@ -182,6 +183,73 @@ def test_ridge_stats_match_closed_form_and_cv_is_exact():
             m = Ridge(alpha=l2 * int(tr.sum())).fit(Zf.transform(X[tr].numpy()), Y[tr].numpy())
             sse += float(((m.predict(Zf.transform(X[~tr].numpy())) - Y[~tr].numpy()) ** 2).sum())
         assert mse == pytest.approx(sse / n, rel=1e-6)
+
+
+def _direct_ridge(X, Y, l2):
+    """The float64 reference: z-scored features, unpenalized intercept, (Z^T Z + l2 n I) M = Z^T (Y - ybar)."""
+    mu, sd = X.mean(0), X.std(0, unbiased=False)
+    Z = (X - mu) / sd
+    M = torch.linalg.solve(Z.T @ Z + l2 * len(X) * torch.eye(X.shape[1], dtype=X.dtype), Z.T @ (Y - Y.mean(0)))
+    return lambda Xn: Y.mean(0) + ((Xn - mu) / sd) @ M
+
+
+@pytest.mark.parametrize("n,d,max_rows", [(90, 40, None), (90, 40, 0), (300, 12, None), (300, 12, 10**6)],
+                         ids=["rows-n>d", "sums-n>d", "sums", "rows"])
+def test_shared_ridge_solve_equals_direct_float64_solve(n, d, max_rows, monkeypatch):
+    """Every offset (key) and every l2 on one eigendecomposition per training set (folds + 1 in all), rows or
+    sums, n above or below d: the same maps and held-out errors as a direct solve per fit."""
+    g = torch.Generator().manual_seed(7)
+    X = (torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) + 3.0).double()
+    fold = torch.arange(n) % 3
+    Ys = {k: X @ torch.randn(d, 4, generator=g).double() + torch.randn(n, 4, generator=g).double() for k in range(3)}
+    st = RidgeStats(folds=3, max_rows=max_rows)
+    for s in range(0, n, 25):
+        st.add(X[s:s + 25], fold[s:s + 25], {k: Y[s:s + 25] for k, Y in Ys.items()})
+    assert st.in_rows == (max_rows != 0 and n <= (max_rows or d))
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda A: calls.append(A.shape) or eigh(A))
+    grid = (1e-4, 1e-2, 1.0)
+    fits = st.fit_all(grid=grid)
+    assert len(calls) == 4  # 3 held-out folds + the final fit, shared by 3 keys x 3 l2
+    for k, Y in Ys.items():
+        ref = _direct_ridge(X, Y, fits[k].l2)(X)
+        scale = float(ref.abs().max())
+        assert float((fits[k].predict(X) - ref).abs().max()) <= 1e-9 * scale
+        for l2 in grid:  # held-out MSE of each l2 = explicit fold fits
+            sse = sum(float(((_direct_ridge(X[fold != f], Y[fold != f], l2)(X[fold == f]) - Y[fold == f]) ** 2).sum())
+                      for f in range(3))
+            assert fits[k].cv[l2] == pytest.approx(sse / n, rel=1e-8)
+        assert fits[k].l2 == min(fits[k].cv, key=fits[k].cv.get)
+
+
+def test_ridge_memory_is_flat_in_n():
+    g = torch.Generator().manual_seed(0)
+    st = RidgeStats(folds=3)
+    sizes = []
+    for _ in range(6):
+        st.add(torch.randn(8, 16, generator=g), torch.arange(8) % 3, {0: torch.randn(8, 5, generator=g)})
+        sizes.append(st.nbytes())
+    assert not st.in_rows and sizes[2] == sizes[3] == sizes[5]  # past d = 16 rows: fixed-size sums
+    assert sizes[0] < sizes[1] < sizes[2]  # up to d rows: the rows themselves, less than the sums
+
+
+def test_pca_code_keeps_the_top_principal_directions():
+    from meshprobe.analysis.probes.retrieval import pca_code
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.cat([torch.full((8,), 5.0), torch.full((40,), 0.3)])
+    E = torch.randn(700, 48, generator=g) * scale + 2.0
+    P = pca_code(E.to(torch.bfloat16).float(), 8, chunk=100).double()  # several chunks
+    Ec = E.to(torch.bfloat16).double()
+    Ec -= Ec.mean(0)
+    ref = Ec @ torch.linalg.svd(Ec, full_matrices=False).Vh[:8].T
+    dist, ref_dist = torch.cdist(P, P), torch.cdist(ref, ref)
+    assert float((dist - ref_dist).abs().max()) <= 1e-3 * float(ref_dist.max())  # up to rotation within the 8
+    tok = _zipf_tokens(g, 40, 16, 30)
+    plan = TokenProbePlan(tok, [0], embedding=E, max_code_dim=8)
+    assert plan.code.shape == (700, 8) and "principal components" in plan.code_name
+    assert TokenProbePlan(tok, [0], embedding=E).code_name == "embedding"
 
 
 def test_retrieval_ranks():

@@ -91,7 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="positions per sample decoded by the lens, evenly spaced (default 64; 0 = all)")
     parser.add_argument("--no-probes", action="store_true", help="skip the linear probes")
     parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the probes' random-init baseline (a freshly initialised model of the same config)")
+                        help="skip the probes' random-init baseline (a freshly initialised model of the same config; "
+                             "by default it runs for models up to 300 M parameters)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="run the random-init baseline whatever the model's size (a second model in memory and "
+                             "a second forward)")
     parser.add_argument("--offsets", default=None, metavar="K,K,...",
                         help="target offsets k of the token probes, x[i+k], each |k| below --seq-len "
                              "(default 0,-1,-2,-4,-8,1; those beyond the windows are noted in the report)")
@@ -138,7 +142,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="with --device-map: where weights that fit no device are offloaded to disk")
 
 
+def _baseline(args) -> bool | None:
+    """--baseline: True, --no-baseline: False, neither: None (by model size)."""
+    return True if args.baseline else (False if args.no_baseline else None)
+
+
 def _validate(args) -> None:
+    if args.baseline and args.no_baseline:
+        raise UserError("--baseline and --no-baseline exclude each other")
     if args.samples is not None and args.samples < 2:
         raise UserError(f"--samples must be at least 2, got {args.samples}")
     if args.seq_len is not None and args.seq_len < 4:
@@ -258,7 +269,7 @@ def _run_hf(args, done) -> int:
             names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data, tokens=args.tokens,
             seed=args.seed, device=args.device, batch_size=args.batch_size,
             threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
-            probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
+            probes=not args.no_probes, baseline=_baseline(args), offsets=args.offsets,
             max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done,
             dtype=args.dtype, device_map=args.device_map, max_memory=args.max_memory,
             offload_folder=args.offload_folder, dynamics=args.dynamics_options)
@@ -380,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
             args.checkpoints, real, names=args.names, samples=args.samples, seq_len=args.seq_len, data=args.data,
             tokens=args.tokens, seed=args.seed, device=args.device, batch_size=args.batch_size,
             threads=None if args.threads == 0 else args.threads, lens_positions=args.lens_positions or None,
-            probes=not args.no_probes, baseline=not args.no_baseline, offsets=args.offsets,
+            probes=not args.no_probes, baseline=_baseline(args), offsets=args.offsets,
             max_classes=args.max_classes, l2_mode=args.probe_l2, progress=not args.no_progress, on_result=_done,
             loops=args.loops, dynamics=args.dynamics_options)
     figs = sorted({f.stem for f in moved if f.suffix == ".png" and f.parent == real})

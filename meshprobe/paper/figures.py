@@ -248,7 +248,7 @@ def regenerate(checkpoints: str | os.PathLike = "checkpoints", out: str | os.Pat
         metrics.append(analyze_model(model, tokens, probes=probes, progress=progress, name=variants[name], threads=1,
                                      checkpoint=str(root / name), source=source))
     for m in metrics:  # wall time differs from run to run; the bundle's files must not
-        m["data"]["seconds"] = None
+        m["data"]["seconds"] = m["timing"] = None
     by_variant = {m["name"]: m for m in metrics}
     tables, summary = tables_markdown(results, root)
 

@@ -64,7 +64,7 @@ from meshprobe.analysis.pipeline.collect import check_tokens, iter_caches, state
 from meshprobe.analysis.pipeline.outputs import write_outputs
 from meshprobe.analysis.pipeline.schema import METRICS_KEYS, metric_key_paths, to_jsonable
 from meshprobe.analysis.pipeline.tokens import TokenRequest, resolve_tokens
-from meshprobe.analysis.probes.suite import ProbeSuite, random_init_baseline
+from meshprobe.analysis.probes.suite import ProbeSuite, baseline_wanted, random_init_baseline
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS
 from meshprobe.runtime import torch_threads
 
@@ -101,7 +101,7 @@ def _embedding(model) -> torch.Tensor:
 
 
 def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: str | torch.device | None = None,
-                  probes: bool = True, baseline: bool = True, progress: bool = True, seed: int = 0,
+                  probes: bool = True, baseline: bool | None = None, progress: bool = True, seed: int = 0,
                   name: str | None = None, checkpoint: str | None = None, source: str | None = None,
                   sigma_frac: float = 0.5, top: int = 50, offsets: Sequence[int] = DEFAULT_OFFSETS,
                   max_classes: int = 64, l2_mode: str = "per_offset", lens_positions: int | None = 64,
@@ -112,7 +112,8 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
 
     ``device``: where to run (default: the model's device; the model is moved there). ``probes=False`` skips
     the probes (the slowest part); ``baseline=False`` skips the random-init baseline of the probes (a second
-    forward pass of a freshly initialised model). ``offsets`` / ``max_classes`` / ``l2_mode``: the token
+    forward pass of a freshly initialised model), ``None`` runs it for models up to 300 M parameters
+    (:func:`~meshprobe.analysis.probes.suite.baseline_wanted`; the notes say when it was skipped). ``offsets`` / ``max_classes`` / ``l2_mode``: the token
     probes' target offsets, classes and L2 selection (:mod:`meshprobe.analysis.probes.suite`). ``progress``: a
     tqdm bar over samples on stderr. ``seed`` seeds the probes' split, rows and the random-init model.
     ``threads``: torch CPU threads during the analysis (restored afterwards; ``None`` = leave as is). On a
@@ -127,7 +128,8 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
     N, seq = tokens.shape
     t0 = time.time()
     spec = state_spec(model)
-    probe_kw = dict(offsets=offsets, max_classes=max_classes, seed=seed, l2_mode=l2_mode, **(probe_options or {}))
+    probe_kw = dict(offsets=offsets, max_classes=max_classes, seed=seed, l2_mode=l2_mode, progress=progress,
+                    **(probe_options or {}))
     suite = ProbeSuite(spec, tokens, embedding=_embedding(model), **probe_kw) if probes else None
     an = Analyzer(model, N, probe_suite=suite, seed=seed, sigma_frac=sigma_frac, top=top,
                   lens_positions=lens_positions)
@@ -145,14 +147,17 @@ def analyze_model(model, tokens: torch.Tensor, *, batch_size: int = 8, device: s
                     bar.update(tok.shape[0])
             out = an.result()
             if out["probes"] is not None:
-                base = None
-                if baseline and not spread and any(f in spec.state_names for f in suite.acc):
+                base, (run_base, why) = None, baseline_wanted(model, baseline)
+                if spread and run_base:  # a second, random copy of a model spread over devices would not fit
+                    run_base, why = False, (" (the model is spread over devices by a device_map: a second, "
+                                            "random copy would not fit either)")
+                if run_base and any(f in spec.state_names for f in suite.acc):
+                    t_base = time.perf_counter()
                     base = random_init_baseline(model, tokens, batch_size=batch_size, device=device, **probe_kw)
                     out["notes"] += base.pop("notes")
+                    out["timing"]["random_init_baseline"] = round(time.perf_counter() - t_base, 3)
                 else:
-                    out["notes"].append("random-init baseline of the probes skipped" + (
-                        " (baseline=False)" if not baseline else " (the model is spread over devices by a "
-                        "device_map: a second, random copy would not fit either)" if spread else ""))
+                    out["notes"].append("random-init baseline of the probes skipped" + why)
                 out["probes"]["random_init"] = to_jsonable(base)
     finally:
         if bar is not None:

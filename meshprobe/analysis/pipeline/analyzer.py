@@ -6,7 +6,8 @@ per-model metrics dict. What is computed, and every choice the paper leaves open
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -85,6 +86,16 @@ class Analyzer:
         self.stats: dict[str, M.RunningStats] = {}
         self.suite = probe_suite
         self.n_seen = 0
+        self.timing: dict[str, float] = {}  # phase -> seconds (metrics.json "timing", TIMING_PHASES)
+        self._last = time.perf_counter()  # end of the last update: the forward runs between updates
+
+    @contextmanager
+    def _timed(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing[phase] = self.timing.get(phase, 0.0) + time.perf_counter() - t
 
     # -- accumulators --------------------------------------------------------------------------------------
     def _rs(self, key: str) -> M.RunningStats:
@@ -107,10 +118,26 @@ class Analyzer:
                logits: torch.Tensor) -> None:
         """Fold one batch in: ``tok`` [b, seq] (the batch's tokens), ``cache`` {hook: tensor} with every hook of
         ``spec.hook_names()``, ``logits`` [b, seq, vocab] of the forward, ``seq_ids`` the global ids."""
-        spec, model = self.spec, self.model
+        self.timing["forward"] = self.timing.get("forward", 0.0) + time.perf_counter() - self._last
+        spec = self.spec
         seq_ids = list(seq_ids)
-        b = tok.shape[0]
-        # 4. lens first (large matmuls, all threads), at the lens positions only
+        with self._timed("lens"):  # lens first (large matmuls, all threads)
+            self._lens(tok, cache, logits)
+        small = torch_threads(self.small_op_threads) if tok.device.type == "cpu" else nullcontext()
+        with small:
+            self._diagnostics(cache)
+            if spec.is_mesh:
+                with self._timed("router"):
+                    self._router(cache)
+            if self.suite is not None:
+                with self._timed("probe_features"):
+                    self.suite.update(seq_ids, cache)
+        self.n_seen += tok.shape[0]
+        self._last = time.perf_counter()
+
+    def _lens(self, tok: torch.Tensor, cache: Mapping[str, torch.Tensor], logits: torch.Tensor) -> None:
+        """4. the lens, at the lens positions only."""
+        spec, model = self.spec, self.model
         pos = _lens_positions(tok.shape[1], self.lens_positions).to(tok.device)
         self._n_lens_positions = int(pos.numel())
         target = tok[:, pos + 1]
@@ -121,32 +148,25 @@ class Analyzer:
             hook = dict(spec.states)
             lc = [_ce(model.readout(model.run_coda(cache[hook[s]])[:, pos]), target) for s in spec.lens_coda]
             self._rs("lens_coda").update_batch(torch.stack(lc, dim=1))
-        del lens
-        small = torch_threads(self.small_op_threads) if tok.device.type == "cpu" else nullcontext()
-        with small:
-            self._diagnostics(cache)
-            if spec.is_mesh:
-                self._router(cache)
-            if self.suite is not None:
-                self.suite.update(seq_ids, cache)
-        self.n_seen += b
 
     def _diagnostics(self, cache: Mapping[str, torch.Tensor]) -> None:
         spec = self.spec
-        # 1. relative update per block -> [b, n_blocks]
-        r = torch.stack([M.relative_update(cache[o], cache[i]) for _, i, o in spec.blocks], dim=1)
-        self._rs("update").update_batch(r)
-        # 2. CKA and 3. spectra: states stacked [b, S, n, d]
-        X = torch.stack([cache[h] for _, h in spec.states], dim=1)
-        self._rs("cka_rbf").update_batch(M.cka_matrix(X, "rbf", sigma_frac=self.sigma_frac))
-        self._rs("cka_linear").update_batch(M.cka_matrix(X, "linear"))
-        spec_all = M.singular_spectrum(X, top=None)  # [b, S, min(n, d)]
-        self._rs("erank").update_batch(_effective_rank_from_normalized(spec_all))
-        k = spec_all.shape[-1]
-        top = spec_all[..., : self.top]
-        if k < self.top:
-            top = torch.cat([top, top.new_full((*top.shape[:-1], self.top - k), float("nan"))], dim=-1)
-        self._rs("spectrum").update_batch(top)
+        with self._timed("diagnostics"):
+            # 1. relative update per block -> [b, n_blocks]
+            r = torch.stack([M.relative_update(cache[o], cache[i]) for _, i, o in spec.blocks], dim=1)
+            self._rs("update").update_batch(r)
+            X = torch.stack([cache[h] for _, h in spec.states], dim=1)  # states stacked [b, S, n, d]
+        with self._timed("cka"):  # 2. CKA
+            self._rs("cka_rbf").update_batch(M.cka_matrix(X, "rbf", sigma_frac=self.sigma_frac))
+            self._rs("cka_linear").update_batch(M.cka_matrix(X, "linear"))
+        with self._timed("diagnostics"):  # 3. spectra
+            spec_all = M.singular_spectrum(X, top=None)  # [b, S, min(n, d)]
+            self._rs("erank").update_batch(_effective_rank_from_normalized(spec_all))
+            k = spec_all.shape[-1]
+            top = spec_all[..., : self.top]
+            if k < self.top:
+                top = torch.cat([top, top.new_full((*top.shape[:-1], self.top - k), float("nan"))], dim=-1)
+            self._rs("spectrum").update_batch(top)
 
     def _router(self, cache: Mapping[str, torch.Tensor]) -> None:
         steps = self.spec.mesh_steps
@@ -195,6 +215,7 @@ class Analyzer:
         else:
             out["probes"] = self.suite.result()
             notes += self.suite.notes
+            self.timing.update(self.suite.timing)
         # router
         if spec.is_mesh:
             B = spec.n_slots
@@ -212,4 +233,5 @@ class Analyzer:
         if self.n_seen != self.n_samples:
             notes.append(f"only {self.n_seen} of {self.n_samples} samples were fed")
         out["notes"] = notes
+        out["timing"] = {k: round(v, 3) for k, v in self.timing.items()}
         return to_jsonable(out)

@@ -108,6 +108,12 @@ METRICS_KEYS: dict[str, str] = {
     "models[].data.device": "device the analysis ran on",
     "models[].data.seconds": "wall time of the analysis (s); null in `meshprobe figures` output, whose files are "
                              "byte-identical from run to run",
+    "models[].timing": "seconds per phase of the analysis (null in `meshprobe figures` output): forward (the model's "
+                       "forward with the state hooks), lens, diagnostics (relative update, spectra, effective rank), "
+                       "cka, router (MeSH), probe_features (streaming the states into the probes), token_probes "
+                       "(logistic and retrieval fits), increment, loop_step_probe, random_init_baseline (when run: "
+                       "a fresh model's forward and its probes); phases that did not run are absent",
+    "models[].timing.*": "seconds spent in this phase",
     "models[].data.accumulator_bytes": "size of the streaming accumulators after the last batch (the same for "
                                        "every N once the probes' row caps bind)",
     "models[].states": "state names in forward order: h_emb, h^(0) ... h^(K), h_out (vanilla: h_emb, layer 1 ..., h_out)",
@@ -278,7 +284,7 @@ METRICS_KEYS.update(DYNAMICS_KEYS)
 #: dict paths whose keys are names (features, tasks), written `*` in METRICS_KEYS
 VARIABLE_KEY_PATHS = {"models[].probes.token", "models[].probes.token.*", "models[].probes.increment",
                       "models[].probes.increment.*", "models[].probes.random_init.token",
-                      "models[].probes.random_init.token.*",
+                      "models[].probes.random_init.token.*", "models[].timing",
                       *(f"models[].dynamics.exits.{s}.{k}" for s in _EXIT_SETS for k in ("thresholds", "rules"))}
 #: sections written only when asked for (--dynamics, --tuned-lens): their keys may be absent from an output
 OPTIONAL_SECTIONS = ("models[].dynamics", "models[].tuned_lens")

@@ -94,14 +94,17 @@ class LoopStepAccumulator:
             return V / norm.clamp_min(1e-30)
         return norm if kind.endswith("_norm") else V
 
-    def result(self, n_perm: int = 20, folds: int = 3) -> dict:
-        """Per feature set (``LOOP_FEATURES``): accuracy, ci, chance, null_mean, null_q95, p_value, l2, ..."""
+    def result(self, n_perm: int = 20, folds: int = 3, tick=None) -> dict:
+        """Per feature set (``LOOP_FEATURES``): accuracy, ci, chance, null_mean, null_q95, p_value, l2, ...
+        ``tick``: called with the feature set's name after each (progress)."""
         if self.out is None or not bool(self.filled.all()):
             raise ValueError("loop-step probe: not every sequence was passed to update()")
         seq = torch.from_numpy(self.rows // self.S)
         out = {}
         for kind in LOOP_FEATURES:
             out[kind] = _probe(self._features(kind), self.is_test, seq, self.K, n_perm, folds, self.seed, kind)
+            if tick is not None:
+                tick(kind)
         out["definition"] = ("multinomial logistic probe of the loop step t in [0, K) from h^(t+1) (state), "
                              "from f(h^(t)) - h^(t) (update), from both divided by their norm (_unit), and from "
                              "the norm alone (_norm, one feature); chance = 1/K; 95% bootstrap CI over test "

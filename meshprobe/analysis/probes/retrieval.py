@@ -4,11 +4,12 @@ streamed statistics, then nearest-code retrieval over the full vocabulary.
 * **Model**: features z-scored with the training mean / population std, intercept unpenalized, penalty
   ``alpha = l2 * n_train`` (so ``l2`` is per-sample).
 * **Statistics** (streamed, memory independent of the number of rows N): while the training rows number at
-  most ``max_rows`` (default: the feature dim ``d``), the rows themselves (float32 as they come, so nothing is
-  rounded) with their target codes and folds; past that, float64 sums per cross-validation fold: row count,
-  ``sum x``, ``sum x x^T``, and per target ``sum y``, ``sum x y^T``, ``sum ||y||^2`` (features shifted by the
-  stored rows' mean first, for precision). The statistics of "every fold but f" are the sum over the other
-  folds' parts. Memory: at most ``folds * (d^2 + targets * d * e)`` float64 numbers (rows: less).
+  most ``max_rows`` (default: the feature dim ``d``), the rows themselves (as they come: float32 features are
+  not rounded, float64 stays float64) with their target codes and folds; past that, float64 sums per
+  cross-validation fold: row count, ``sum x``, ``sum x x^T``, and per target ``sum y``, ``sum x y^T``,
+  ``sum ||y||^2`` (features shifted by the stored rows' mean first, for precision). The statistics of "every
+  fold but f" are the sum of the other folds' parts. Memory: at most ``folds * (d^2 + targets * d * e)``
+  float64 numbers (rows: less).
 * **One factorisation per training set, shared**: a fit on a set of folds needs one symmetric
   eigendecomposition, reused by every target (offset) and every ``l2`` of the grid: of the z-scored ``d x d``
   Gram matrix (sums), or of the ``n x n`` kernel ``Z Z^T`` of the z-scored rows (rows, ``n <= d``: the same
@@ -41,6 +42,11 @@ def _std(var: Tensor, mu: Tensor) -> Tensor:
     (left unscaled), whatever order the CPU summed in."""
     tiny = (64 * torch.finfo(_F64).eps * (var + mu * mu)).clamp_min(torch.finfo(_F64).tiny)
     return torch.where(var > tiny, var.sqrt(), torch.ones_like(var))
+
+
+def _keep(X: Tensor) -> Tensor:
+    """A row block as stored: float64 stays float64, anything else becomes float32 (features are float32)."""
+    return X.detach() if X.dtype == _F64 else X.detach().float()
 
 
 class _Factor:
@@ -85,10 +91,10 @@ class RidgeStats:
         if self.in_rows:
             if self.max_rows is None:
                 self.max_rows = X.shape[1]
-            self.rows.append(X.detach().float())
+            self.rows.append(_keep(X))
             self.row_fold.append(fold)
             for key, Y in targets.items():
-                self.row_y.setdefault(key, []).append(Y.detach().float())
+                self.row_y.setdefault(key, []).append(_keep(Y))
             if self.n.sum() > self.max_rows:
                 self._to_sums()
             return

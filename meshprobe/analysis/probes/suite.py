@@ -26,16 +26,18 @@ over every state (and MeSH slot) of one model, streamed batch by batch (memory i
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from meshprobe.analysis.pipeline.collect import StateSpec
-from meshprobe.analysis.probes.loops import LoopStepAccumulator
+from meshprobe.analysis.probes.loops import LOOP_FEATURES, LoopStepAccumulator
 from meshprobe.analysis.stats import shared_ngram_fraction
 from meshprobe.analysis.probes.tokens import DEFAULT_OFFSETS, TokenProbePlan
 
-__all__ = ["ProbeSuite", "offset_key", "BASELINES", "random_init_baseline"]
+__all__ = ["ProbeSuite", "offset_key", "BASELINES", "random_init_baseline", "baseline_wanted",
+           "BASELINE_AUTO_MAX_PARAMS"]
 
 #: what each baseline of the token probes is (written to metrics.json)
 BASELINES = {
@@ -89,10 +91,12 @@ class ProbeSuite:
                  max_classes: int = 64, seed: int = 0, embedding: torch.Tensor | None = None,
                  max_train_per_class: int = 64, max_test_per_class: int = 128, l2_mode: str = "per_offset",
                  n_perm: int = 20, features: Sequence[str] | None = None, increments: bool = True,
-                 loop: bool = True, test_fraction: float = 0.3, **plan_kw):
+                 loop: bool = True, test_fraction: float = 0.3, progress: bool = False, **plan_kw):
         if l2_mode not in ("per_offset", "cv"):
             raise ValueError(f"l2_mode must be 'per_offset' or 'cv', got {l2_mode!r}")
         self.spec, self.seed, self.l2_mode, self.n_perm = spec, int(seed), l2_mode, int(n_perm)
+        self.progress, self.timing = bool(progress), {}  # timing: phase -> seconds of result()
+        self._bar = None
         self.notes: list[str] = []
         self.plan = _plan(tokens, [int(k) for k in offsets], self.notes, max_classes=max_classes, seed=seed,
                           embedding=embedding, max_train_per_class=max_train_per_class,
@@ -150,9 +154,22 @@ class ProbeSuite:
     def token_results(self) -> dict[str, dict[str, dict]]:
         out = {}
         for f, acc in self.acc.items():
-            out[f] = {offset_key(k): _slim(acc.result(k, None if f == self.reference else self._l2(k)))
-                      for k in self.plan.offsets}
+            out[f] = {}
+            for k in self.plan.offsets:
+                out[f][offset_key(k)] = _slim(acc.result(k, None if f == self.reference else self._l2(k)))
+                self._tick(f"{f} k={k:+d}")
         return out
+
+    def _tick(self, what: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(what, refresh=False)
+            self._bar.update(1)
+
+    def _fits(self) -> int:
+        """Probe fits of :meth:`result` (the progress bar's total)."""
+        K = len(self.plan.offsets) if self.plan is not None else 0
+        inc = (len(self.acc) - 1) * sum(k != 0 for k in self.plan.offsets) if self.increments else 0
+        return len(self.acc) * K + inc + (len(LOOP_FEATURES) if self.loop is not None else 0)
 
     def increment_results(self) -> dict[str, dict[str, dict]]:
         if not self.increments:
@@ -161,7 +178,11 @@ class ProbeSuite:
         out: dict[str, dict] = {}
         for f, acc in self.acc.items():
             if f != "h_emb":  # both probes cross-validated (the base's fit is cached across feature spaces)
-                out[f] = {offset_key(k): _slim(acc.increment(base, k)) for k in self.plan.offsets if k != 0}
+                out[f] = {}
+                for k in self.plan.offsets:
+                    if k != 0:
+                        out[f][offset_key(k)] = _slim(acc.increment(base, k))
+                        self._tick(f"{f} increment k={k:+d}")
         return {f: out[f] for f in self.acc if f in out}
 
     def config(self) -> dict[str, Any]:
@@ -192,14 +213,30 @@ class ProbeSuite:
         return cfg
 
     def result(self) -> dict[str, Any]:
-        """The ``probes`` entry of metrics.json (without the random-init baseline)."""
-        return {
-            "config": self.config(),
-            "features": list(self.acc),
-            "token": self.token_results(),
-            "increment": self.increment_results() or None,
-            "loop_step": None if self.loop is None else self.loop.result(n_perm=self.n_perm),
-        }
+        """The ``probes`` entry of metrics.json (without the random-init baseline); ``timing`` gets the seconds
+        of the token probes, the increment and the loop-step probe; a progress bar counts the fits."""
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self._fits(), desc="probe fits", unit="fit", leave=False, dynamic_ncols=True)
+        try:
+            out: dict[str, Any] = {"config": self.config(), "features": list(self.acc)}
+            for key, phase, run in (("token", "token_probes", self.token_results),
+                                    ("increment", "increment", lambda: self.increment_results() or None),
+                                    ("loop_step", "loop_step_probe", self._loop_result)):
+                t = time.perf_counter()
+                out[key] = run()
+                self.timing[phase] = self.timing.get(phase, 0.0) + time.perf_counter() - t
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+        return out
+
+    def _loop_result(self) -> dict | None:
+        if self.loop is None:
+            return None
+        return self.loop.result(n_perm=self.n_perm, tick=lambda kind: self._tick(f"loop step: {kind}"))
 
 
 _DROP = ("class_ids", "baseline", "definition", "retrieval_vocab", "retrieval_code", "n_test_sequences")
@@ -234,7 +271,37 @@ def random_init_baseline(model, tokens: torch.Tensor, *, features: Sequence[str]
     names = [hooks[f] for f in suite.acc if f in hooks]
     if spec.is_mesh and any(f not in hooks for f in suite.acc):
         names.append(spec.final_memory_hook)
-    for start, tok, cache, _ in iter_caches(rnd, tokens, names, batch_size, device):
-        suite.update(range(start, start + tok.shape[0]), cache)
+    bar = None
+    if suite.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tokens.shape[0], unit="sample", desc="random-init baseline", leave=False,
+                   dynamic_ncols=True)
+    try:
+        for start, tok, cache, _ in iter_caches(rnd, tokens, names, batch_size, device):
+            suite.update(range(start, start + tok.shape[0]), cache)
+            if bar is not None:
+                bar.update(tok.shape[0])
+    finally:
+        if bar is not None:
+            bar.close()
     return {"model": f"fresh init of the same config (torch.manual_seed({int(seed)}))",
             "features": list(suite.acc), "token": suite.token_results(), "notes": suite.notes}
+
+
+#: above this many parameters the random-init baseline runs only when asked for (``baseline=True``): it holds
+#: a second model in memory and runs a second forward over every sample
+BASELINE_AUTO_MAX_PARAMS = 300_000_000
+
+
+def baseline_wanted(model, baseline: bool | None) -> tuple[bool, str]:
+    """Whether to run :func:`random_init_baseline` (``baseline``: True / False, or None = only for models up to
+    ``BASELINE_AUTO_MAX_PARAMS`` parameters) and, when not, why (for the notes)."""
+    if baseline is not None:
+        return bool(baseline), "" if baseline else " (baseline=False)"
+    n = sum(p.numel() for p in model.parameters())
+    if n <= BASELINE_AUTO_MAX_PARAMS:
+        return True, ""
+    return False, (f" by default for a model of {n / 1e9:.2f} B parameters (a second model of that size and a "
+                   f"second forward; the default runs it up to {BASELINE_AUTO_MAX_PARAMS / 1e6:.0f} M; "
+                   "baseline=True runs it)")
