@@ -220,7 +220,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="ouro,huginn", help="comma-separated: ouro, huginn")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the forward and of analyze")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (seconds): the test")
-    ap.add_argument("--out", default=None, help=f"results JSON (default {RESULTS.relative_to(ROOT)}; --tiny: none)")
+    ap.add_argument("--out", default=None, help=f"results JSON (default {RESULTS.relative_to(ROOT)}; --tiny: none); "
+                                                 "results of other shapes already in it are kept")
     ap.add_argument("--tmp", default=None, help="where the temporary model directories go (default: the system's)")
     ap.add_argument("--child", choices=("build", "forward", "analyze"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -228,16 +229,25 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    results = {s: run_shape(s, args) for s in args.shapes.split(",")}
-    doc = {"command": "python benchmarks/hf_scale.py " + " ".join(sys.argv[1:]),
-           "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "python": platform.python_version()},
-           "threads": args.threads, "results": results}
+    command = "python benchmarks/hf_scale.py " + " ".join(sys.argv[1:])
+    results = {}
+    for s in args.shapes.split(","):
+        results[s] = {"command": command, **run_shape(s, args)}
     print(table(results))
     out = args.out or (None if args.tiny else RESULTS)
-    if out:
+    if out:  # shapes run separately are merged into one file (each result keeps its command)
+        old = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
+        doc = {"machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+               "results": {**old.get("results", {}), **results}}
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     res = shifts(old, new)
     print("| model | probe | largest shift / CI width | where |\n|---|---|---|---|")
     for (model, fam), (r, where) in sorted(res.items()):
-        print(f"| {model} | {fam} | {r:.3f} | {where} |")
+        print(f"| {model} | {fam} | {r:.2g} | {where} |")
     return int(any(r >= 1 for r, _ in res.values()))
 
 

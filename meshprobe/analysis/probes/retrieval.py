@@ -250,18 +250,29 @@ class RidgeFit:
         return self.ybar + (X.to(_F64) - self.offset) @ self.M
 
 
-def pca_code(E: Tensor, dim: int, seed: int = 0, chunk: int = 4096, oversample: int = 16, power: int = 2) -> Tensor:
+def pca_code(E: Tensor, dim: int, seed: int = 0, chunk: int = 4096, oversample: int = 16, power: int = 2,
+             progress: bool = False) -> Tensor:
     """A code table ``E`` [V, e] centred and projected onto its top ``dim`` principal directions: [V, dim]
     (float32). Randomized SVD (Halko, Martinsson & Tropp 2011): a seeded Gaussian sketch of ``dim +
     oversample`` columns, ``power`` power iterations; ``E`` is read ``chunk`` rows at a time (a bfloat16
-    table is never copied whole to float32). Distances between codes in the kept directions are unchanged."""
+    table is never copied whole to float32). Distances between codes in the kept directions are unchanged.
+    ``progress``: a tqdm bar over the passes through the table."""
     V, e = E.shape
     q = min(dim + oversample, e, V)
     parts = range(0, V, chunk)
-    mean = sum(E[s:s + chunk].to(_F64).sum(0) for s in parts) / V
-    mean32 = mean.float()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(4 + 2 * power) * len(parts), desc=f"retrieval code: top {dim} PCs", unit="chunk",
+                   leave=False, dynamic_ncols=True)
+    mean32 = (sum(E[s:s + chunk].to(_F64).sum(0) for s in parts) / V).float()
+    if bar is not None:
+        bar.update(len(parts))
 
     def rows(s):
+        if bar is not None:
+            bar.update(1)
         return E[s:s + chunk].float() - mean32
 
     def times(B):  # (E - mean) @ B, [V, q]
@@ -276,7 +287,10 @@ def pca_code(E: Tensor, dim: int, seed: int = 0, chunk: int = 4096, oversample: 
         Y = times(torch.linalg.qr(t_times(torch.linalg.qr(Y).Q)).Q)
     Qy = torch.linalg.qr(Y.to(_F64)).Q.float()
     _, _, Vt = torch.linalg.svd(t_times(Qy).T.to(_F64), full_matrices=False)
-    return times(Vt[:dim].T.float())
+    code = times(Vt[:dim].T.float())
+    if bar is not None:
+        bar.close()
+    return code
 
 
 def retrieval_ranks(pred: Tensor, code: Tensor, target: Tensor, k: int = 5, chunk: int = 2048) -> Tensor:

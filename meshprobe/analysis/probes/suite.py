@@ -62,7 +62,7 @@ def offset_key(k: int) -> str:
     return "0" if k == 0 else f"{k:+d}"
 
 
-def _plan(tokens, offsets, notes: list[str], **kw) -> TokenProbePlan | None:
+def _plan(tokens, offsets, notes: list[str], progress: bool = False, **kw) -> TokenProbePlan | None:
     S = tokens.shape[1]
     ok = []
     for k in offsets:
@@ -76,7 +76,7 @@ def _plan(tokens, offsets, notes: list[str], **kw) -> TokenProbePlan | None:
             notes.append(f"token probe offset {k} dropped: {exc}")
     if not ok:
         return None
-    return TokenProbePlan(tokens, ok, **kw)
+    return TokenProbePlan(tokens, ok, progress=progress, **kw)
 
 
 class ProbeSuite:
@@ -100,7 +100,8 @@ class ProbeSuite:
         self.notes: list[str] = []
         self.plan = _plan(tokens, [int(k) for k in offsets], self.notes, max_classes=max_classes, seed=seed,
                           embedding=embedding, max_train_per_class=max_train_per_class,
-                          max_test_per_class=max_test_per_class, test_fraction=test_fraction, **plan_kw)
+                          max_test_per_class=max_test_per_class, test_fraction=test_fraction, progress=progress,
+                          **plan_kw)
         every = spec.state_names + [f"m{b}" for b in range(spec.n_slots)]
         self.features = list(every if features is None else [f for f in features if f in every])
         self.acc = {f: self.plan.accumulator() for f in self.features} if self.plan is not None else {}

@@ -82,7 +82,8 @@ def gaussian_code(vocab_size: int, dim: int, seed: int = 0) -> Tensor:
     return torch.randn(vocab_size, dim, generator=g) / math.sqrt(dim)
 
 
-def _code_table(embedding: Tensor | None, V: int, code_dim: int, max_code_dim: int, seed: int) -> tuple[Tensor, str]:
+def _code_table(embedding: Tensor | None, V: int, code_dim: int, max_code_dim: int, seed: int,
+                progress: bool = False) -> tuple[Tensor, str]:
     """The retrieval code [V', e] and its name: a Gaussian code, the embedding, or (wider than ``max_code_dim``)
     the embedding on its top ``max_code_dim`` principal directions."""
     if embedding is None:
@@ -90,7 +91,7 @@ def _code_table(embedding: Tensor | None, V: int, code_dim: int, max_code_dim: i
     E = embedding.detach().cpu()
     if E.shape[1] <= max_code_dim:
         return E.float(), "embedding"
-    return pca_code(E, max_code_dim, seed), f"embedding, top {max_code_dim} principal components"
+    return pca_code(E, max_code_dim, seed, progress=progress), f"embedding, top {max_code_dim} principal components"
 
 
 def _balanced(cls: np.ndarray, prio: np.ndarray, C: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +122,8 @@ class OffsetRows:
 class TokenProbePlan:
     """Rows, classes, split and folds of the token probes for ``tokens`` [N, S] and target ``offsets``,
     a function of the tokens and ``seed`` only (see the module docstring). ``embedding`` [V, e]: the retrieval
-    code (``None``: :func:`gaussian_code` with ``e = code_dim``, V = max token id + 1). ``ignore`` (bool [N]):
+    code (``None``: :func:`gaussian_code` with ``e = code_dim``, V = max token id + 1; wider than
+    ``max_code_dim``: its top principal components, a progress bar when ``progress``). ``ignore`` (bool [N]):
     sequences used neither for training nor for testing (e.g. test windows that share an n-gram with a training
     window, :func:`meshprobe.analysis.stats.shares_ngram`)."""
 
@@ -129,7 +131,7 @@ class TokenProbePlan:
                  seed: int = 0, embedding: Tensor | None = None, test_fraction: float = 0.3,
                  max_train_per_class: int = 128, max_test_per_class: int = 128, min_test_per_class: int = 4,
                  retrieval_test_rows: int = 4096, folds: int = 3, code_dim: int = 128, max_code_dim: int = 256,
-                 ignore=None):
+                 ignore=None, progress: bool = False):
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"tokens must be an integer [N, S] tensor, got {tuple(tokens.shape)} {tokens.dtype}")
@@ -151,7 +153,7 @@ class TokenProbePlan:
                              "train or no test sequence; give more sequences")
         self.fold = torch.from_numpy(cv_fold(seq, max(folds, 1), seed))
         V = int(self.tokens.max()) + 1
-        self.code, self.code_name = _code_table(embedding, V, code_dim, max_code_dim, seed)
+        self.code, self.code_name = _code_table(embedding, V, code_dim, max_code_dim, seed, progress)
         if int(self.tokens.min()) < 0 or V > self.code.shape[0]:
             raise ValueError(f"token ids must lie in [0, {self.code.shape[0]}) (the code table's rows)")
         self.max_classes = int(max_classes)
