@@ -327,6 +327,28 @@ def test_analyze_model_is_deterministic_and_batch_size_free():
             assert res["r2"] == pytest.approx(other["r2"], abs=1e-3)
 
 
+@pytest.mark.slow
+def test_baseline_by_model_size_and_phase_timing(monkeypatch):
+    """baseline=None runs the random-init baseline up to BASELINE_AUTO_MAX_PARAMS parameters and says so when it
+    skips it; baseline=True runs it whatever the size; every phase that ran is timed."""
+    from meshprobe.analysis.probes import suite
+
+    model = small_model("base")
+    tokens = zipf_tokens(10, seed=1)
+    kw = dict(progress=False, offsets=(0, 1), probe_options=dict(n_perm=2))
+    run = R.analyze_model(model, tokens, **kw)
+    assert run["probes"]["random_init"]["token"]
+    assert set(run["timing"]) == {"forward", "lens", "diagnostics", "cka", "probe_features", "token_probes",
+                                  "increment", "loop_step_probe", "random_init_baseline"}
+    assert all(v >= 0 for v in run["timing"].values()) and run["timing"]["forward"] > 0
+    monkeypatch.setattr(suite, "BASELINE_AUTO_MAX_PARAMS", 10)
+    skip = R.analyze_model(model, tokens, **kw)
+    assert skip["probes"]["random_init"] is None and "random_init_baseline" not in skip["timing"]
+    assert any(n.startswith("random-init baseline of the probes skipped by default") for n in skip["notes"])
+    assert skip["probes"]["token"] == run["probes"]["token"]
+    assert R.analyze_model(model, tokens, baseline=True, **kw)["probes"]["random_init"] == run["probes"]["random_init"]
+
+
 def test_per_sample_numbers_match_the_metric_functions():
     """Running stats over the batch agree with the metrics applied sample by sample."""
     model = small_model("anchor")
