@@ -4,6 +4,7 @@ model's own forward, on the same tokens, in one run.
     python benchmarks/hf_scale.py --threads 2                 # both shapes (minutes each; ~8 GB free RAM needed)
     python benchmarks/hf_scale.py --shapes ouro --threads 2
     python benchmarks/hf_scale.py --tiny --out /tmp/hf_scale.json   # toy sizes, seconds (what the test runs)
+    python benchmarks/hf_scale.py --shallow --threads 2      # one layer per stage: upper bounds of the ratios
 
 Two shapes, random weights (no hub is reachable), built from config dicts:
 
@@ -58,11 +59,23 @@ TINY = {
     "huginn": {**SHAPES["huginn"], "samples": 12, "seq_len": 32, "loops": 3,
                "config": {**SHAPES["huginn"]["config"], "vocab_size": 512, "n_embd": 24}},
 }
+#: --shallow: the same width, vocabulary, loop steps (states) and tokens with one layer per stage, so every
+#: analysis costs what it costs at the released depth while the forward is several times cheaper: the ratios
+#: it measures are upper bounds of the released depth's (for a machine where the full forward takes too long)
+SHALLOW = {"ouro": {"num_hidden_layers": 3, "n_input_layers": 1, "n_output_layers": 1},
+           "huginn": {"n_layers_in_prelude": 1, "n_layers_in_recurrent_block": 1, "n_layers_in_coda": 1}}
 ZIPF_TYPES = 2000
 
 
+def _shapes(tiny: bool, shallow: bool) -> dict:
+    base = TINY if tiny else SHAPES
+    if not shallow:
+        return base
+    return {k: {**v, "config": {**v["config"], **SHALLOW[k]}} for k, v in base.items()}
+
+
 def _shape(args) -> dict:
-    return (TINY if args.tiny else SHAPES)[args.shape]
+    return _shapes(args.tiny, args.shallow)[args.shape]
 
 
 def _emit(doc: dict) -> None:
@@ -158,7 +171,7 @@ def child(args) -> None:
 # -- the parent ------------------------------------------------------------------------------------------------
 def _run(phase: str, shape: str, d: Path, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--shape", shape, "--dir", str(d),
-           "--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
+           "--threads", str(args.threads)] + (["--tiny"] if args.tiny else []) + (["--shallow"] if args.shallow else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                HF_MODULES_CACHE=str(d.parent / "hf-modules"))
     print(f"[{shape}] {phase} ...", file=sys.stderr, flush=True)
@@ -170,7 +183,7 @@ def _run(phase: str, shape: str, d: Path, args) -> dict:
 
 
 def run_shape(shape: str, args) -> dict:
-    sh = (TINY if args.tiny else SHAPES)[shape]
+    sh = _shapes(args.tiny, args.shallow)[shape]
     tmp = Path(tempfile.mkdtemp(prefix=f"hf_scale-{shape}-", dir=args.tmp))
     try:
         d = tmp / "model"
@@ -220,6 +233,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="ouro,huginn", help="comma-separated: ouro, huginn")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the forward and of analyze")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (seconds): the test")
+    ap.add_argument("--shallow", action="store_true",
+                    help="one layer per stage, released width / vocabulary / loops / tokens (upper-bound ratios)")
     ap.add_argument("--out", default=None, help=f"results JSON (default {RESULTS.relative_to(ROOT)}; --tiny: none); "
                                                  "results of other shapes already in it are kept")
     ap.add_argument("--tmp", default=None, help="where the temporary model directories go (default: the system's)")
@@ -232,7 +247,7 @@ def main() -> None:
     command = "python benchmarks/hf_scale.py " + " ".join(sys.argv[1:])
     results = {}
     for s in args.shapes.split(","):
-        results[s] = {"command": command, **run_shape(s, args)}
+        results[s + ("-shallow" if args.shallow else "")] = {"command": command, **run_shape(s, args)}
     print(table(results))
     out = args.out or (None if args.tiny else RESULTS)
     if out:  # shapes run separately are merged into one file (each result keeps its command)
