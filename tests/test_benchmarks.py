@@ -48,7 +48,6 @@ def test_mesh_stall_tiny(tmp_path):
     assert snaps[-1]["latent_map"]["states"][:2] == ["h_emb", "h^(0)"] and "h^(2)" in snaps[-1]["patching"]["sites"]
 
 
-@pytest.mark.slow
 def test_hf_scale_tiny(tmp_path):
     """benchmarks/hf_scale.py at toy sizes: both shapes built, run plainly and analysed in their own processes;
     every token probe ran on every state, the phases of the analysis are timed."""
