@@ -8,8 +8,8 @@ Output in DIR: ``metrics.json`` (every number behind every figure; keys document
 ``meshprobe.analysis.pipeline.schema.METRICS_KEYS``), ``report.md``, and PNG + PDF figures. One checkpoint: ``fig1``
 (paper Fig 1: update bars, RBF-CKA heatmap, spectra), ``cka_linear``, ``lens``, ``probes`` (unless
 --no-probes: token / retrieval probes at offsets --offsets, increment over h_emb, loop-step probe, random-init
-baseline unless --no-baseline), ``router`` (MeSH only). Several checkpoints: ``fig3`` / ``fig4`` / ``fig5`` /
-``lens`` / ``probes`` / ``loop_step`` side by side, and each model's own figures in ``DIR/<name>/``. Everything
+baseline for models up to 300 M parameters unless --no-baseline, at any size with --baseline), ``router`` (MeSH
+only). Several checkpoints: ``fig3`` / ``fig4`` / ``fig5`` / ``lens`` / ``probes`` / ``loop_step`` side by side, and each model's own figures in ``DIR/<name>/``. Everything
 is written to a temporary folder beside DIR and moved into DIR only when the whole run succeeded, so earlier
 results in DIR survive a failed run. Every file is moved with one atomic rename, metrics.json and report.md
 last: a run killed at any instant leaves each file complete (old or new) and a metrics.json that is complete and
