@@ -195,7 +195,8 @@ def test_analyze_and_figures_on_task_checkpoints(tmp_path, trained, capsys):
     assert doc["task"]["prefix"] == [9] and model["latent_map"]["targets"] == ["hop_1", "hop_2"]
     assert (out / "phop.png").is_file() and len(model["patching"]["effect"]) == 4  # h^(0..3)
     assert main(["analyze", str(trained), "--out", str(tmp_path / "x"), "--data", "task:phop:hops=3"]) == 2
-    assert "not task:phop:hops=3" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    err = capsys.readouterr().err
+    assert "seq_len=12,mix=1, not --data task:phop:hops=3" in err and not (tmp_path / "x").exists()
     # a bundled task zoo -> meshprobe figures --tasks-only
     ck = tmp_path / "ck" / "tasks"
     (ck / "run").mkdir(parents=True)

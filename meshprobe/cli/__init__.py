@@ -68,7 +68,8 @@ def as_flags(message: str, parser: argparse.ArgumentParser | None) -> str:
                     switches.add(a.dest)
     message = re.sub(r"(?<![\w-])([a-z][a-z_]*)=True\b", lambda m: flags[m.group(1)] if m.group(1) in switches
                      else m.group(0), message)  # trust_remote_code=True -> --trust-remote-code
-    return re.sub(r"(?<![\w-])([a-z][a-z_]*)=", lambda m: f"{flags[m.group(1)]} " if m.group(1) in flags
+    # not inside a spec string (task:phop:hops=2,seq_len=12: a key after "," or ":" is the spec's, not a flag)
+    return re.sub(r"(?<![\w\-,:])([a-z][a-z_]*)=", lambda m: f"{flags[m.group(1)]} " if m.group(1) in flags
                   else m.group(0), message)
 
 
