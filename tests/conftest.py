@@ -35,7 +35,7 @@ def f32_tol(reference, n_terms: int = 1, *, scale: float | None = None, layers: 
     `scale` (default max|reference|; pass it when the terms are larger than the result), computed through
     `layers` such sums in a row (a network's depth: each layer's rounding is carried into the next).
     c = 4 standard deviations of the random walk, and no tolerance below a few ulps of the scale."""
-    s = _max_abs(reference) if scale is None else float(scale)
+    s = _max_abs(reference if scale is None else scale)
     rtol = c * eps * math.sqrt(max(n_terms, 1)) * max(layers, 1)
     return dict(rtol=rtol, atol=rtol * s)
 
