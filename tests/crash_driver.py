@@ -123,12 +123,13 @@ def train_kills(spec: dict) -> dict:
 
 def _drop_seconds(value):
     if isinstance(value, dict):
-        return {k: _drop_seconds(v) for k, v in value.items() if k != "seconds"}
+        return {k: _drop_seconds(v) for k, v in value.items() if k not in ("seconds", "timing")}
     return [_drop_seconds(v) for v in value] if isinstance(value, list) else value
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    """The files of an analysis folder; metrics.json without its timings (every other byte is reproducible)."""
+    """The files of an analysis folder; metrics.json without its wall times ("seconds", per-phase "timing"; every
+    other byte is reproducible)."""
     files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     for name, data in files.items():
         if name.endswith("metrics.json"):
