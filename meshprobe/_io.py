@@ -226,6 +226,25 @@ def move_into(tmp: Path, out: Path, last: tuple[str, ...] = ("report.md", "metri
 
 
 @contextmanager
+def atomic_dir(path: str | os.PathLike, marker: str) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `path` to write a whole folder into, its `marker` file (the one that says
+    it is complete) last; on success every file gets the usual permissions (safetensors writes 0600) and the
+    folder replaces `path` (:func:`replace_dir`: a reader sees the old folder or the new one, never a mix); on
+    error it is removed, marker first."""
+    path = Path(path)
+    tmp = make_temp_dir(path)
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~_umask())
+        replace_dir(tmp, path, marker=marker)
+    except BaseException:
+        remove_dir(tmp, first=marker)
+        raise
+
+
+@contextmanager
 def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside `out` to write a set of outputs into; it is always removed afterwards
     (call :func:`move_into` at the end of the block to publish its files)."""

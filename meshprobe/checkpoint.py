@@ -71,10 +71,8 @@ def save_checkpoint(
             raise ValueError(f"extra checkpoint file name {name!r} must be a plain, unreserved file name")
     tensors = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     recover_checkpoint(path)  # finish a save that a crash interrupted before starting a new one
-    tmp = _io.make_temp_dir(path)
-    try:
+    with _io.atomic_dir(path, marker=CONFIG_FILE) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE))
-        os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_io._umask())  # safetensors writes 0600; checkpoints are not private
         if tokenizer is not None:
             text = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
             (tmp / TOKENIZER_FILE).write_text(text)
@@ -82,10 +80,6 @@ def save_checkpoint(
             target = tmp / name
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))  # last: it marks the folder complete
-        _io.replace_dir(tmp, path, marker=CONFIG_FILE)
-    except BaseException:
-        _io.remove_dir(tmp, first=CONFIG_FILE)
-        raise
     return given
 
 

@@ -69,13 +69,12 @@ class TunedLens:
         from meshprobe import _io
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {"weight": self.weight, "bias": self.bias, "shared_weight": self.shared_weight,
                    "shared_bias": self.shared_bias}
-        with _io.atomic_path(path / WEIGHTS) as tmp:
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        _io.write_json(path / META, {"format": FORMAT, "format_version": 1, "model": self.model,
-                                     "steps": self.steps, "d_model": int(self.weight.shape[-1]), **self.meta})
+        with _io.atomic_dir(path, marker=META) as tmp:  # one folder switch: never new weights beside old JSON
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+            _io.write_json(tmp / META, {"format": FORMAT, "format_version": 1, "model": self.model,
+                                        "steps": self.steps, "d_model": int(self.weight.shape[-1]), **self.meta})
         return path
 
 
@@ -85,7 +84,7 @@ def load_lens(path: str | os.PathLike, model) -> TunedLens:
 
     from meshprobe import _io
 
-    path = Path(path)
+    path = _io.committed_dir(Path(path), META)  # the newest complete save, also one a crash left mid-switch
     if not (path / META).is_file() or not (path / WEIGHTS).is_file():
         raise UserError(f"lens={str(path)!r} is not a saved tuned lens (no {META} and {WEIGHTS} there)")
     meta = _io.read_json(path / META, "tuned lens")

@@ -137,15 +137,9 @@ class LoopCrosscoder(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        tmp = _io.make_temp_dir(path)
-        try:
+        with _io.atomic_dir(path, marker=CONFIG_FILE) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, tmp / WEIGHTS_FILE)
-            os.chmod(tmp / WEIGHTS_FILE, 0o666 & ~_io._umask())  # safetensors writes 0600
             _io.write_json(tmp / CONFIG_FILE, self.config())
-            _io.replace_dir(tmp, path, marker=CONFIG_FILE)
-        except BaseException:
-            _io.remove_dir(tmp, first=CONFIG_FILE)
-            raise
         return path
 
 

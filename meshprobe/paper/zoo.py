@@ -299,7 +299,7 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
     task = zoo_task(spec)
     if task is None:
         validation_sample(spec, out)
-    entries = []
+    entries, rows = [], earlier_rows(out) if manifest is not None else {}
     for entry in spec.bundle_runs:
         run = spec.bundle_run(entry)
         src, name = out / run.run_id, spec.bundle_as.get(entry, run.name)
@@ -312,8 +312,8 @@ def bundle(spec: ZooSpec, out: Path, dest: str | os.PathLike = "checkpoints") ->
                         dtype=torch.float16, **meta)
         entries.append({"name": name, "layout": model.cfg.layout, "variant": model.cfg.variant,
                         "spec": spec.path.name, "run": run.run_id})
-        if manifest is not None and run.run_id in earlier_rows(out):  # its numbers travel with it
-            entries[-1]["result"] = earlier_rows(out)[run.run_id]
+        if run.run_id in rows:  # a merged model's numbers travel with it
+            entries[-1]["result"] = rows[run.run_id]
     command = " ".join(shlex.quote(a) for a in ["meshprobe", "zoo", "--spec", spec.path.stem, "--bundle", str(dest)])
     if manifest is not None:
         names = {e["name"] for e in entries}
